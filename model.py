@@ -306,6 +306,5 @@ MODELS = {
     **{f"L/{p}": dict(depth=24, hidden_size=1024, num_heads=16, patch_size=p) for p in (2, 4, 8)},   # Large, 457M
     **{f"XL/{p}": dict(depth=28, hidden_size=1152, num_heads=16, patch_size=p) for p in (2, 4, 8)},  # XLarge, 673M
     "M/2": dict(depth=16, hidden_size=1024, num_heads=16, patch_size=2),   # Medium (MeanFlow's M), 306M
-    "T/2": dict(depth=6, hidden_size=256, num_heads=4, patch_size=2),      # Tiny: the laptop CIFAR-10 default
-    "T/4": dict(depth=6, hidden_size=256, num_heads=4, patch_size=4),      # Tiny with 4x4 patches: fastest on CPU
+    **{f"T/{p}": dict(depth=4, hidden_size=128, num_heads=4, patch_size=p) for p in (2, 4)},         # Tiny, 1M: laptops
 }

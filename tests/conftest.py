@@ -1,0 +1,59 @@
+"""Shared fixtures for the core tests: the authors' reference vectors (tests/data/afm_reference.pt)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `pytest` run from anywhere still imports the flat modules at the repository root
+    sys.path.insert(0, str(ROOT))
+
+DATA = Path(__file__).resolve().parent / "data"
+
+import model  # noqa: E402
+
+# Fixture case name -> the class its state dict belongs to (fixtures/README.md).
+CASE_CLASS = {
+    "gen_1nfe": "Generator", "gen_multi": "Generator", "gen_any": "Generator",
+    "gen_deep2": "Generator", "gen_deep4": "Generator",
+    "dis": "Discriminator", "dis_t": "Discriminator", "classifier": "Classifier",
+}
+
+
+@pytest.fixture(scope="session")
+def afm_ref():
+    return torch.load(DATA / "afm_reference.pt", weights_only=True, map_location="cpu")
+
+
+@pytest.fixture(scope="session")
+def dit_config(afm_ref):
+    """The fixture's DiT kwargs without the authors' two extra keys (no CFG dropout, no learned sigma)."""
+    cfg = dict(afm_ref["config"])
+    assert cfg.pop("class_dropout_prob") == 0.0
+    assert cfg.pop("learn_sigma") is False
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def load_case(afm_ref, dit_config):
+    """name -> the right class built from config + the case's kwargs, with its state dict loaded strict=True."""
+
+    def build(name):
+        case = afm_ref["cases"][name]
+        net = getattr(model, CASE_CLASS[name])(**case["kwargs"], **dit_config)
+        net.load_state_dict(case["state_dict"], strict=True)
+        return net.eval()
+
+    return build
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The core tests run tiny models: one intra-op thread is faster than two, and much faster on a busy machine
+    (OpenMP workers spin). Restored afterwards, so other test modules keep their setting."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -1,0 +1,563 @@
+"""Train an Adversarial Flow Model.
+
+    python train.py                                    # tiny model, CIFAR-10, pixel space, on this laptop
+    torchrun --nproc_per_node=8 train.py --data imagenet --data-path latents.npy --model XL/2   # the paper
+
+One step is one discriminator update followed by one generator update (paper sec. 3.1; TTUR 1:1), each on its own
+data batch of --batch-size images (global, split over ranks). The pieces, in the order they run:
+
+    data        data.py: CIFAR-10 archive, image folders, or pre-extracted ImageNet latents; rank-sharded, resumable
+    models      model.py: G (the flow/transport map), D, and an EMA of G used for sampling
+    D update    losses.discriminator_objective: relativistic loss + w-weighted finite-difference R1/R2 + centering
+    G update    losses.generator_objective: relativistic loss through gradnorm.py + lambda_ot * OT loss / w,
+                with D frozen (its parameters get no gradients)
+    schedule    lambda_ot follows a cosine from --ot-start to --ot-end over --ot-decay-steps, then stays (Table 2)
+    checkpoint  checkpoint.py: everything needed to continue bitwise-exactly, written atomically
+
+Under torchrun each rank runs this same file; DDP averages gradients only where a network is being updated:
+the D update goes through DDP(D), the G update through DDP(G), and the frozen or no_grad calls use the plain
+modules. Rank 0 alone writes files.
+"""
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import checkpoint
+import data
+import losses
+import vae
+from gradnorm import GradientNormalization
+from model import MODELS, Discriminator, Generator
+from sample import LATENT_SCALE, sample
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configuration. Flags left unset take the preset of their data source; the paper's values are the ImageNet ones.
+
+PRESETS = {
+    # The laptop default: a tiny DiT on 32x32 CIFAR-10 pixels, tuned so samples visibly improve within an hour of CPU.
+    "cifar10": dict(model="T/2", image_size=32, batch_size=64, lr=2e-4, max_steps=20_000, ema_decay=0.999,
+                    ot_decay_steps=20_000, ckpt_every=1000, sample_every=1000, log_every=50),
+    "folder": dict(model="T/2", image_size=32, batch_size=64, lr=2e-4, max_steps=20_000, ema_decay=0.999,
+                   ot_decay_steps=20_000, ckpt_every=1000, sample_every=1000, log_every=50),
+    # The paper (Table 10/11, phase 1): XL/2 on SD-VAE latents, batch 256, lr 1e-4, EMA 0.9999, lambda_ot decayed
+    # over 100 epochs = 1M alternating iterations = 500k of our D+G steps.
+    "imagenet": dict(model="XL/2", image_size=256, batch_size=256, lr=1e-4, max_steps=1_000_000, ema_decay=0.9999,
+                     ot_decay_steps=500_000, ckpt_every=5000, sample_every=5000, log_every=100),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="Train an Adversarial Flow Model. One step = one D update + one G update, each on a batch of "
+                    "--batch-size images (global, over all ranks). Unset flags take the --data preset.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", choices=["cifar10", "folder", "imagenet"], default="cifar10",
+                   help="cifar10: downloads to ./data; folder: root/<class>/<image>; imagenet: a latents .npy "
+                        "from `python vae.py` or an image folder encoded on the fly with --vae")
+    p.add_argument("--data-path", default=None, help="dataset location (cifar10: directory of the archive)")
+    p.add_argument("--image-size", type=int, default=None, help="pixels (cifar10: 32; imagenet: 256)")
+    p.add_argument("--vae", default=None, help="sd-vae-ft-mse weights, to encode an ImageNet image folder on the fly")
+    p.add_argument("--model", default=None, help=f"one of {', '.join(MODELS)}")
+    p.add_argument("--nfe", default="1", help="generator steps: 1, 2, 4, ... or 'any'")
+    p.add_argument("--pred", choices=["x", "v"], default=None, help="G predicts x_t (x) or a velocity (v); "
+                   "default: x for 1 NFE, v otherwise, as in the paper")
+    p.add_argument("--repeat", type=int, default=1, help="depth repetition of G's blocks (2 -> 56, 4 -> 112 layers "
+                   "for XL/2); G's learning rate is divided by it")
+    p.add_argument("--batch-size", type=int, default=None, help="global batch for each of the D and G updates")
+    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate of D, and of G before / repeat")
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--ema-decay", type=float, default=None)
+    p.add_argument("--grad-clip", type=float, default=None, help="max gradient norm (default 50 for 1-NFE, "
+                   "5 for multi-step and deep generators, as the authors' configs)")
+    p.add_argument("--ot-start", type=float, default=None, help="lambda_ot at step 0 (0.2; 0.25 multi-step)")
+    p.add_argument("--ot-end", type=float, default=0.005, help="lambda_ot after the cosine decay")
+    p.add_argument("--ot-decay-steps", type=int, default=None, help="length of the cosine decay, in steps")
+    p.add_argument("--gp-scale", type=float, default=0.25, help="lambda_gp for the R1 and R2 penalties")
+    p.add_argument("--gp-eps", type=float, default=0.01, help="finite-difference step of R1/R2")
+    p.add_argument("--gp-ratio", type=float, default=0.25, help="fraction of the batch that gets R1/R2")
+    p.add_argument("--cp-scale", type=float, default=0.01, help="lambda_cp of the logit-centering penalty")
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--out-dir", default="out")
+    p.add_argument("--resume", action="store_true", help="continue from --out-dir/ckpt.pt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available)")
+    p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="tf32",
+                   help="CUDA matmul precision; bf16 is autocast and opt-in (the paper trains in TF32). "
+                        "CPU always runs fp32")
+    p.add_argument("--compile", action="store_true", help="torch.compile G and D")
+    p.add_argument("--num-workers", type=int, default=2, help="data-loading worker processes per rank")
+    p.add_argument("--ckpt-every", type=int, default=None)
+    p.add_argument("--keep", type=int, default=0, help="also keep the last N step-stamped checkpoints")
+    p.add_argument("--sample-every", type=int, default=None, help="write an EMA sample grid every N steps")
+    p.add_argument("--log-every", type=int, default=None)
+    p.add_argument("--max-bad-steps", type=int, default=5,
+                   help="stop after this many consecutive steps with a non-finite loss or gradient")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    args = p.parse_args(argv)
+    for name, value in PRESETS[args.data].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    args.nfe = "any" if args.nfe == "any" else int(args.nfe)
+    multi_step = args.nfe != 1
+    args.pred = args.pred or ("v" if multi_step else "x")
+    args.ot_start = args.ot_start if args.ot_start is not None else (0.25 if multi_step else 0.2)
+    args.grad_clip = args.grad_clip or (5.0 if multi_step or args.repeat > 1 else 50.0)
+    return args
+
+
+def validate(args, world_size):
+    if args.model not in MODELS:
+        raise data.DataError(f"unknown model {args.model!r}; valid models: {', '.join(MODELS)}")
+    if args.batch_size <= 0 or args.batch_size % world_size:
+        raise data.DataError(f"--batch-size {args.batch_size} must be positive and divisible by the number of "
+                             f"processes ({world_size})")
+    if args.nfe != "any" and args.nfe < 1:
+        raise data.DataError(f"--nfe must be a positive integer or 'any', got {args.nfe}")
+    if args.repeat < 1 or (args.repeat > 1 and args.nfe != 1):
+        raise data.DataError("--repeat needs a 1-NFE generator (--nfe 1) and must be >= 1")
+
+
+def ot_scale_at(step, start, end, decay_steps):
+    """Cosine from start to end over decay_steps, then constant (sec. 3.2, Table 2)."""
+    progress = min(step / max(decay_steps, 1), 1.0)
+    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Processes and devices
+
+
+def setup_distributed(device_arg):
+    """-> rank, world_size, device. Under torchrun: NCCL on CUDA, gloo on CPU. Plain python: one process."""
+    if "RANK" in os.environ:
+        rank, world_size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+        use_cuda = torch.cuda.is_available() and device_arg in (None, "cuda")
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        return rank, world_size, torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if device_arg is None:
+        device_arg = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    return 0, 1, torch.device(device_arg)
+
+
+def set_precision(precision, device):
+    tf32 = precision != "fp32"
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    if precision == "bf16" and device.type == "cuda":
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext  # CPUs without bf16 units run autocast far slower than fp32: never by default
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models, optimizers, EMA
+
+
+@dataclass
+class Nets:
+    """The trained state, plus the callables each phase of a step uses (plain, compiled or DDP-wrapped)."""
+    G: Generator
+    D: Discriminator
+    ema: Generator
+    gradnorm: GradientNormalization
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    G_train: object      # G for the G update: DDP(G) under torchrun, so its gradients are averaged
+    G_frozen: object     # G under no_grad in the D update: no gradient sync
+    D_train: object      # D for the D update: DDP(D) under torchrun
+    D_frozen: object     # D with frozen parameters in the G update: no gradient sync
+    d_params: list       # D's trainable parameters, frozen during the G update (the fixed pos_embed is not one)
+
+
+def network_kwargs(args, in_channels, input_size, num_classes):
+    """Constructor arguments of G and D; stored in the checkpoint so sample.py can rebuild them."""
+    dit = dict(MODELS[args.model], input_size=input_size, in_channels=in_channels, num_classes=num_classes)
+    generator = dict(dit, use_t_src=args.nfe != 1, use_t_tgt=args.nfe == "any", repeat=args.repeat)
+    discriminator = dict(dit, use_t=args.nfe != 1)  # D sees the target time only, never the source (sec. 3.4)
+    return generator, discriminator
+
+
+def build_nets(args, generator_kwargs, discriminator_kwargs, device, distributed):
+    G = Generator(**generator_kwargs).to(device)
+    D = Discriminator(**discriminator_kwargs).to(device)
+    ema = Generator(**generator_kwargs).to(device).requires_grad_(False).eval()
+    ema.load_state_dict(G.state_dict())
+    gradnorm = GradientNormalization().to(device)
+    fused = device.type == "cuda"
+    d_params = [p for p in D.parameters() if p.requires_grad]
+    opt_g = torch.optim.AdamW([p for p in G.parameters() if p.requires_grad], lr=args.lr / args.repeat, betas=(0.0, 0.9), eps=1e-8,
+                              weight_decay=args.weight_decay, fused=fused)
+    opt_d = torch.optim.AdamW(d_params, lr=args.lr, betas=(0.0, 0.9), eps=1e-8,
+                              weight_decay=args.weight_decay, fused=fused)
+
+    def wrap(module, sync):
+        if sync and distributed:
+            module = DDP(module, device_ids=[device.index] if device.type == "cuda" else None,
+                         broadcast_buffers=False)
+        return torch.compile(module) if args.compile else module
+
+    return Nets(G, D, ema, gradnorm, opt_g, opt_d, G_train=wrap(G, True), G_frozen=wrap(G, False),
+                D_train=wrap(D, True), D_frozen=wrap(D, False), d_params=d_params)
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    ema_params, params = list(ema.parameters()), list(model.parameters())
+    torch._foreach_lerp_(ema_params, params, 1 - decay)
+
+
+def all_finite(tensors):
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One training step
+
+
+def d_update(nets, args, x, y, autocast, augment=None):
+    """One discriminator update. G runs under no_grad; D sees real, fake and the perturbed subsets in one forward.
+    Returns (metrics, finite)."""
+    with autocast():
+        loss, metrics = losses.discriminator_objective(
+            nets.G_frozen, nets.D_train, x, y, nfe=args.nfe, pred=args.pred, gp_scale=args.gp_scale,
+            cp_scale=args.cp_scale, gp_eps=args.gp_eps, gp_ratio=args.gp_ratio, augment=augment)
+    nets.opt_d.zero_grad(set_to_none=True)
+    loss.backward()
+    metrics["d_grad_norm"] = torch.nn.utils.clip_grad_norm_(nets.D.parameters(), args.grad_clip).detach()
+    finite = bool(torch.isfinite(metrics["d_grad_norm"] + metrics["d_loss"]))
+    if finite:
+        nets.opt_d.step()
+    return metrics, finite
+
+
+def g_update(nets, args, x, y, ot_scale, autocast, augment=None, guidance=None):
+    """One generator update. D's parameters are frozen, so the backward pass computes only the gradient with
+    respect to D's input, never D's parameter gradients. Returns (metrics, finite)."""
+    for p in nets.d_params:
+        p.requires_grad_(False)
+    square_avg = nets.gradnorm.square_avg.clone()
+    try:
+        with autocast():
+            loss, metrics = losses.generator_objective(
+                nets.G_train, nets.D_frozen, nets.gradnorm, x, y, nfe=args.nfe, pred=args.pred,
+                ot_scale=ot_scale, augment=augment, guidance=guidance)
+        nets.opt_g.zero_grad(set_to_none=True)
+        loss.backward()
+    finally:
+        for p in nets.d_params:
+            p.requires_grad_(True)
+    metrics["g_grad_norm"] = torch.nn.utils.clip_grad_norm_(nets.G.parameters(), args.grad_clip).detach()
+    finite = bool(torch.isfinite(metrics["g_grad_norm"] + metrics["g_loss"]))
+    if finite:
+        nets.opt_g.step()
+        update_ema(nets.ema, nets.G, args.ema_decay)
+    else:
+        nets.gradnorm.square_avg.copy_(square_avg)  # a NaN must not enter the normalizer's EMA
+    return metrics, finite
+
+
+def train_step(nets, args, x_d, y_d, x_g, y_g, ot_scale, autocast, augment=None, guidance=None):
+    """One step = one D update, then one G update, on independent batches. Returns (metrics, both finite).
+
+    A non-finite loss or gradient skips that update, so a single bad batch cannot poison the weights; train()
+    stops after --max-bad-steps consecutive bad steps. Checking needs one host sync per update: the price of
+    never applying a NaN.
+    """
+    d_metrics, d_ok = d_update(nets, args, x_d, y_d, autocast, augment)
+    g_metrics, g_ok = g_update(nets, args, x_g, y_g, ot_scale, autocast, augment, guidance)
+    return {**d_metrics, **g_metrics}, d_ok and g_ok
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints and RNG state
+
+
+def rng_state():
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+            "python": random.getstate()}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def gather_rng_states(world_size):
+    """Every rank's RNG state, on rank 0 (each rank draws its own noise)."""
+    if world_size == 1:
+        return [rng_state()]
+    states = [None] * world_size
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
+def checkpoint_state(nets, args, step, loader, rng_states, generator_kwargs, discriminator_kwargs):
+    return {"step": step, "config": vars(args), "generator_kwargs": generator_kwargs,
+            "discriminator_kwargs": discriminator_kwargs,
+            "G": nets.G.state_dict(), "ema": nets.ema.state_dict(), "D": nets.D.state_dict(),
+            "gradnorm": nets.gradnorm.state_dict(), "opt_g": nets.opt_g.state_dict(),
+            "opt_d": nets.opt_d.state_dict(), "data": loader.state_dict(), "rng": rng_states}
+
+
+def save_checkpoint(state, nets, out_dir, keep):
+    """Atomically write out_dir/ckpt.pt (and a step-stamped copy when --keep). Never writes non-finite weights."""
+    if not all_finite(list(nets.G.parameters()) + list(nets.D.parameters()) + list(nets.ema.parameters())):
+        print(f"warning: not saving step {state['step']}: the weights are not finite", file=sys.stderr)
+        return False
+    path = os.path.join(out_dir, "ckpt.pt")
+    checkpoint.save(state, path)
+    if keep > 0:
+        stamped = os.path.join(out_dir, f"ckpt-{state['step']:08d}.pt")
+        if os.path.exists(stamped):
+            os.remove(stamped)
+        os.link(path, stamped)  # a second name for the same finished file: atomic and free
+        old = sorted(f for f in os.listdir(out_dir) if f.startswith("ckpt-") and f.endswith(".pt"))[:-keep]
+        for name in old:
+            os.remove(os.path.join(out_dir, name))
+    return True
+
+
+def restore(nets, state, loader, rank, world_size):
+    for name, module in [("G", nets.G), ("ema", nets.ema), ("D", nets.D), ("gradnorm", nets.gradnorm)]:
+        checkpoint.load_weights(module, state[name], what=f"checkpoint {name}")
+    nets.opt_g.load_state_dict(state["opt_g"])
+    nets.opt_d.load_state_dict(state["opt_d"])
+    loader.load_state_dict(state["data"])
+    if len(state["rng"]) == world_size:
+        set_rng_state(state["rng"][rank])
+    else:
+        print("warning: resuming with a different number of processes; random streams restart", file=sys.stderr)
+        torch.manual_seed(state["step"] * 1000 + rank)
+
+
+@torch.no_grad()
+def encode_latents(autoencoder, images):
+    """[-1, 1] images (N, 3, 256, 256) -> scaled SD-VAE latents (N, 4, 32, 32): a posterior sample, encoded in
+    bf16 on CUDA (as the authors do) and fp32 elsewhere."""
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=images.device.type == "cuda"):
+        mean, logvar = autoencoder.encode(images)
+    mean, logvar = mean.float(), logvar.float()
+    return LATENT_SCALE * (mean + torch.exp(0.5 * logvar) * torch.randn_like(mean))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sample grids
+
+
+def save_grid(images, path, nrow):
+    """images: (N, C, H, W) in [-1, 1] -> one PNG, nrow images per row."""
+    images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    N, C, H, W = images.shape
+    rows = math.ceil(N / nrow)
+    grid = torch.zeros(C, rows * H, nrow * W, dtype=torch.uint8)
+    for i, image in enumerate(images):
+        grid[:, (i // nrow) * H:(i // nrow + 1) * H, (i % nrow) * W:(i % nrow + 1) * W] = image
+    from PIL import Image
+    Image.fromarray(grid.permute(1, 2, 0).squeeze(-1).numpy()).save(path)
+
+
+def grid_inputs(num_classes, shape, seed, device, per_class=8, max_classes=10):
+    """Fixed noise and labels for the progress grid: one row per class. Uses its own generator, so drawing it
+    does not disturb the training random stream."""
+    classes = torch.linspace(0, num_classes - 1, min(num_classes, max_classes)).round().long()
+    labels = classes.repeat_interleave(per_class)
+    noise = torch.randn(len(labels), *shape, generator=torch.Generator().manual_seed(seed))
+    return noise.to(device), labels.to(device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+class StopFlag:
+    """SIGINT/SIGTERM: finish the step, save, exit 0. A second signal exits at once."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame):
+        if self.requested:
+            os._exit(128 + signum)
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: saving after this step (signal again to quit at once)",
+              file=sys.stderr, flush=True)
+
+    def agreed(self, device, world_size):
+        """Every rank stops at the same step: one rank's signal stops all."""
+        if world_size == 1:
+            return self.requested
+        flag = torch.tensor([float(self.requested)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def check_out_dir(out_dir):
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise data.DataError(f"--out-dir {out_dir} exists and is not a directory")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = os.path.join(out_dir, f".write-test{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise data.DataError(f"--out-dir {out_dir} is not writable ({e.strerror})") from None
+
+
+def train(args):
+    rank, world_size, device = setup_distributed(args.device)
+    validate(args, world_size)
+    main_process = rank == 0
+    if main_process:
+        check_out_dir(args.out_dir)
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    resume_state = checkpoint.load(ckpt_path) if args.resume else None
+    autocast = set_precision(args.precision, device)
+    torch.manual_seed(args.seed * 1000 + rank)  # each rank draws its own noise
+    np.random.seed(args.seed)
+    random.seed(args.seed)
+
+    if world_size > 1 and not main_process:
+        dist.barrier()  # rank 0 first, so that only it downloads
+    dataset, num_classes, in_channels, input_size = data.make_dataset(args.data, args.data_path, args.image_size)
+    if world_size > 1 and main_process:
+        dist.barrier()
+    autoencoder = vae.load_vae(args.vae, device).requires_grad_(False) if args.vae else None
+    encode_on_the_fly = args.data == "imagenet" and in_channels == 3
+    if encode_on_the_fly:  # an ImageNet image folder: the networks see SD-VAE latents
+        if autoencoder is None:
+            raise data.DataError("--data imagenet with an image folder needs --vae (sd-vae-ft-mse weights), or "
+                                 "latents extracted once with `python vae.py`")
+        in_channels, input_size = 4, input_size // 8
+
+    def next_batch():
+        x, y = next(loader)
+        return (encode_latents(autoencoder, x) if encode_on_the_fly else x), y
+
+    loader = data.Loader(dataset, args.batch_size // world_size, rank=rank, world_size=world_size, seed=args.seed,
+                         num_workers=args.num_workers, device=device)
+    generator_kwargs, discriminator_kwargs = network_kwargs(args, in_channels, input_size, num_classes)
+    nets = build_nets(args, generator_kwargs, discriminator_kwargs, device, distributed=world_size > 1)
+    step = 0
+    if resume_state is not None:
+        restore(nets, resume_state, loader, rank, world_size)
+        step = resume_state["step"]
+
+    if main_process:
+        n_params = sum(p.numel() for p in nets.G.parameters()) / 1e6
+        print(f"G {args.model} ({n_params:.1f}M params), {len(dataset)} training samples, {world_size} x {device}, "
+              f"global batch {args.batch_size}, starting at step {step}")
+        with open(os.path.join(args.out_dir, "config.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
+    grid_noise, grid_labels = grid_inputs(num_classes, (in_channels, input_size, input_size), args.seed, device)
+    log_file = open(os.path.join(args.out_dir, "log.jsonl"), "a") if main_process else None
+    stop = StopFlag()
+    bad_steps, last_saved_step, pending = 0, (step if resume_state is not None else None), []
+    progress = tqdm(total=args.max_steps, initial=step, disable=not main_process, dynamic_ncols=True)
+    tic, tic_step = time.time(), step
+
+    def save():
+        nonlocal last_saved_step
+        rng_states = gather_rng_states(world_size)
+        if main_process and save_checkpoint(
+                checkpoint_state(nets, args, step, loader, rng_states, generator_kwargs, discriminator_kwargs),
+                nets, args.out_dir, args.keep):
+            last_saved_step = step
+
+    while step < args.max_steps:
+        x_d, y_d = next_batch()
+        x_g, y_g = next_batch()
+        ot_scale = ot_scale_at(step, args.ot_start, args.ot_end, args.ot_decay_steps)
+        metrics, ok = train_step(nets, args, x_d, y_d, x_g, y_g, ot_scale, autocast)
+        step += 1
+        bad_steps = 0 if ok else bad_steps + 1
+        if bad_steps >= args.max_bad_steps:
+            where = (f"the last good checkpoint is {ckpt_path} (step {last_saved_step})" if last_saved_step
+                     is not None else "no checkpoint was written")
+            raise Diverged(f"the loss became non-finite: {bad_steps} consecutive steps up to step {step} were "
+                           f"skipped; {where}. Lower --lr or resume from the checkpoint")
+        pending.append(metrics)
+
+        if step % args.log_every == 0 or step == args.max_steps:
+            # One host sync per log interval: average the queued 0-d tensors.
+            names = list(pending[0])
+            values = torch.stack([torch.stack([m[n].float() for n in names]) for m in pending]).mean(0).tolist()
+            elapsed = time.time() - tic
+            record = dict(step=step, **dict(zip(names, values)), ot_scale=ot_scale,
+                          lr_g=nets.opt_g.param_groups[0]["lr"], lr_d=nets.opt_d.param_groups[0]["lr"],
+                          img_per_s=(step - tic_step) * args.batch_size / max(elapsed, 1e-9))
+            pending, tic, tic_step = [], time.time(), step
+            if main_process:
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+                progress.set_postfix(d=f"{record['d_loss']:.3f}", g=f"{record['g_adv']:.3f}",
+                                     ot=f"{record['g_ot']:.3f}", img_s=f"{record['img_per_s']:.0f}")
+        if main_process and (step % args.sample_every == 0 or step == args.max_steps):
+            with torch.no_grad():
+                images = sample(nets.ema, grid_noise, grid_labels, nfe=8 if args.nfe == "any" else args.nfe,
+                                pred=args.pred)
+                if in_channels == 4 and autoencoder is not None:
+                    images = autoencoder.decode(images / LATENT_SCALE)
+            if images.shape[1] == 3:  # latents without a VAE to decode them make no picture
+                save_grid(images, os.path.join(args.out_dir, f"samples_{step:08d}.png"), nrow=8)
+        stopping = stop.agreed(device, world_size)
+        if step % args.ckpt_every == 0 or step == args.max_steps or stopping:
+            save()
+        progress.update(1)
+        if stopping:
+            break
+    progress.close()
+    if log_file:
+        log_file.close()
+    if world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return nets
+
+
+class Diverged(Exception):
+    """Too many consecutive non-finite steps (exit code 3)."""
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        train(args)
+    except Diverged as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
+    except (data.DataError, checkpoint.CheckpointError, vae.VAEError) as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
