@@ -7,10 +7,10 @@ set's features (mean mu, covariance sigma), then take the Frechet (2-Wasserstein
 
     FID = ||mu1 - mu2||^2 + tr(sigma1) + tr(sigma2) - 2 tr( (sigma1 sigma2)^(1/2) )
 
-Every published number uses the same network, the TF-slim Inception of 2015-12-05. Its PyTorch port is the
-pytorch-fid release file pt_inception-2015-12-05-6726825d.pth; this file loads it unchanged. The port differs from
-torchvision's Inception-v3 in two places: the average pools in the A, C and E blocks ignore the zero padding, and the
-last E block max-pools in its pool branch.
+Published FIDs all use one network: the TensorFlow Inception graph of 2015-12-05 that the original FID code shipped.
+Its PyTorch port is pytorch-fid's release file pt_inception-2015-12-05-6726825d.pth, which this file loads unchanged.
+The port differs from torchvision's Inception-v3 in two places: the average pools in the A, C and E blocks ignore
+the zero padding, and the last E block max-pools in its pool branch.
 
 The network sees 299x299 inputs. Two resize pipelines are in use, and they give slightly different FIDs:
 - resize="tf1" (default): TensorFlow 1's bilinear resize (no half-pixel offset) on [0, 255] values, then
@@ -23,8 +23,8 @@ Usage:
     python fid.py --stats cifar10_stats.npz cifar10   # write mu/sigma of a set (here: the CIFAR-10 training set)
 
 A set is an .npz with arr_0 = uint8 (N, H, W, 3) (ADM's sample format), an .npz holding precomputed mu and sigma,
-or a folder of images. The weights download once to ~/.cache/afm/ (set AFM_FID_WEIGHTS to put them elsewhere);
---weights PATH uses a file you already have.
+or a folder of images (searched recursively). The weights download once to ~/.cache/afm/, checked by SHA-256 (set
+AFM_FID_WEIGHTS to put them elsewhere); --weights PATH uses a file you already have, checked by its keys and shapes.
 """
 
 import argparse
@@ -43,8 +43,10 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
-WEIGHTS_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"  # 95,628,359 bytes
+WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+               "pt_inception-2015-12-05-6726825d.pth")
+# SHA-256 of that file (95,628,359 bytes); its first 8 hex digits are the "6726825d" in the name (torch.hub's habit).
+WEIGHTS_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
 FEATURE_DIM = 2048
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm"}
 
@@ -64,7 +66,8 @@ def resize_bilinear_tf1(x, size):
     Coordinates are float32 as in TF. Blend along the width first, then along the height.
     """
     def neighbours(n_in):
-        coord = torch.arange(size, dtype=torch.float32, device=x.device) * torch.tensor(n_in / size, dtype=torch.float32)
+        scale = torch.tensor(n_in / size, dtype=torch.float32)
+        coord = torch.arange(size, dtype=torch.float32, device=x.device) * scale
         lo = coord.long()                                 # floor, as coord >= 0
         hi = (lo + 1).clamp(max=n_in - 1)
         return lo, hi, (coord - lo).to(x.dtype)           # frac in [0, 1)
@@ -280,6 +283,7 @@ def download(url, path, sha256):
     path.parent.mkdir(parents=True, exist_ok=True)
     done = part.stat().st_size if part.exists() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={done}-"} if done else {})
+    by_hand = f"download it by hand to {path}, or pass --weights PATH"
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             if response.status != 206:  # the server sent the whole file: start over
@@ -292,10 +296,9 @@ def download(url, path, sha256):
                     bar.update(len(chunk))
     except urllib.error.HTTPError as e:
         if e.code != 416:  # 416: nothing left to fetch, the .part file is already complete
-            raise FidError(f"could not download {url} (HTTP {e.code}); download it by hand to {path}") from e
-    except (urllib.error.URLError, OSError) as e:
-        raise FidError(f"could not download {url} ({getattr(e, 'reason', e)}); "
-                       f"download it by hand to {path}, or pass --weights PATH") from e
+            raise FidError(f"could not download {url} (HTTP {e.code}); {by_hand}") from e
+    except OSError as e:  # URLError included: offline, DNS, refused, ...
+        raise FidError(f"could not download {url} ({getattr(e, 'reason', e)}); {by_hand}") from e
     actual = sha256_of(part)
     if actual != sha256:
         part.unlink()
@@ -378,14 +381,20 @@ def iterate_array(images, batch_size):
         yield images[start:start + batch_size]
 
 
+def read_images_header(f, path):
+    """Read and check the .npy header of arr_0 from its open zip member f -> shape (N, H, W, 3)."""
+    version = np.lib.format.read_magic(f)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran_order, dtype = read_header(f)
+    if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3 or fortran_order:
+        raise FidError(f"{path}: arr_0 must be uint8 (N, H, W, 3), got {dtype} {shape}")
+    return shape
+
+
 def iterate_npz(path, batch_size):
     """arr_0 of an .npz in batches of uint8 (n, H, W, 3), read straight from the zip so it is never all in memory."""
     with zipfile.ZipFile(path) as archive, archive.open("arr_0.npy") as f:
-        version = np.lib.format.read_magic(f)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran_order, dtype = read_header(f)
-        if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3 or fortran_order:
-            raise FidError(f"{path}: arr_0 must be uint8 (N, H, W, 3), got {dtype} {shape}")
+        shape = read_images_header(f, path)
         for start in range(0, shape[0], batch_size):
             batch = np.empty((min(batch_size, shape[0] - start), *shape[1:]), np.uint8)
             if f.readinto(memoryview(batch).cast("B")) != batch.nbytes:
@@ -413,7 +422,10 @@ def iterate_folder(paths, batch_size):
 
 def load_cifar10_train(root):
     import data  # imported here, so that FID on .npz files and folders needs nothing else of ours
-    images, _ = data.load_cifar10(root)  # uint8 (50000, 32, 32, 3)
+    try:
+        images, _ = data.load_cifar10(root)  # uint8 (50000, 32, 32, 3)
+    except data.DataError as e:  # e.g. offline and not downloaded yet: one line, like our own errors
+        raise FidError(str(e)) from e
     return images
 
 
@@ -434,7 +446,9 @@ def source_statistics(source, get_model, batch_size, device, data_root="data"):
                 return npz["mu"].astype(np.float64), npz["sigma"].astype(np.float64)
             if "arr_0" not in npz.files:
                 raise FidError(f"{path}: has neither arr_0 (uint8 images) nor mu and sigma; keys are {npz.files}")
-        batches, total = iterate_npz(path, batch_size), None
+        with zipfile.ZipFile(path) as archive, archive.open("arr_0.npy") as f:
+            count = read_images_header(f, path)[0]  # checked now, before the network is loaded
+        batches, total = iterate_npz(path, batch_size), -(-count // batch_size)
     else:
         raise FidError(f"{source}: not an .npz file, an image folder or 'cifar10'")
     return compute_statistics(batches, get_model(), device, total=total)
@@ -458,7 +472,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
-        raise FidError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}")
+        raise FidError(f"statistics do not match: mu {mu1.shape}, {mu2.shape}; sigma {sigma1.shape}, {sigma2.shape}")
     root1 = sqrtm_psd(sigma1)
     middle = root1 @ sigma2 @ root1
     trace_sqrt_product = np.sqrt(np.linalg.eigvalsh((middle + middle.T) / 2).clip(min=0)).sum()

@@ -170,7 +170,7 @@ class DiT(nn.Module):
         self.grid_size = input_size // patch_size
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         # Fixed, but a Parameter (requires_grad=False) so its key sits in state_dict like the authors' files.
-        pos_embed = torch.from_numpy(sincos_pos_embed(hidden_size, self.grid_size))[None]  # (1, T, D)
+        pos_embed = torch.tensor(sincos_pos_embed(hidden_size, self.grid_size))[None]  # (1, T, D)
         self.pos_embed = nn.Parameter(pos_embed, requires_grad=False)
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
 

@@ -76,7 +76,7 @@ def mlp(width, depth, fourier=0, scale=1.0):
 
 
 def train(steps=2000, ot_scale=0.05, ot_end=None, seed=0, batch_size=256, lr=1e-3, gp_scale=0.01, cp_scale=0.01,
-          gp_eps=0.01, width=128, depth=3, d_fourier=0, d_scale=1.0, g_fourier=0, g_scale=0.0, ema_decay=0.99, progress=False):
+          gp_eps=0.01, width=128, depth=3, d_fourier=0, d_scale=1.0, g_fourier=0, g_scale=0.0, ema_decay=0.99, progress=False, lr_decay=False, log_every=0):
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     G = mlp(width, depth, g_fourier, g_scale)
@@ -103,6 +103,7 @@ def train(steps=2000, ot_scale=0.05, ot_end=None, seed=0, batch_size=256, lr=1e-
         loss_d.backward()
         opt_d.step()
         # G step
+        frac = step / max(steps - 1, 1)
         D.requires_grad_(False)
         z = torch.randn(batch_size, 1, generator=gen)
         real = sample_data(batch_size, gen)
@@ -110,6 +111,9 @@ def train(steps=2000, ot_scale=0.05, ot_end=None, seed=0, batch_size=256, lr=1e-
         logits = D(torch.cat([real, phi(fake)])).squeeze(1)
         lr_, lf = logits.split(batch_size)
         frac = step / max(steps - 1, 1)
+        for opt in (opt_g, opt_d):
+            for g in opt.param_groups:
+                g["lr"] = lr * (0.5 * (1 + math.cos(math.pi * frac)) if lr_decay else 1.0)
         lam = ot_end + (ot_scale - ot_end) * 0.5 * (1 + math.cos(math.pi * frac))
         loss_g = losses.relativistic_loss(lf, lr_) + lam * losses.ot_loss(fake, z, 1.0)
         opt_g.zero_grad(set_to_none=True)
@@ -119,6 +123,9 @@ def train(steps=2000, ot_scale=0.05, ot_end=None, seed=0, batch_size=256, lr=1e-
         with torch.no_grad():
             for pe, p in zip(G_ema.parameters(), G.parameters()):
                 pe.lerp_(p, 1 - ema_decay)
+        if log_every and (step + 1) % log_every == 0:
+            print(step + 1, "lam=%.3f" % lam, "online rms=%.4f mono=%.4f" % evaluate(G), "ema rms=%.4f mono=%.4f" % evaluate(G_ema),
+                  "d=%.3f g=%.3f" % (loss_d.item(), loss_g.item()), flush=True)
     return G_ema
 
 

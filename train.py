@@ -207,8 +207,7 @@ def build_nets(args, generator_kwargs, discriminator_kwargs, device, distributed
 
     def wrap(module, sync):
         if sync and distributed:
-            module = DDP(module, device_ids=[device.index] if device.type == "cuda" else None,
-                         broadcast_buffers=False)
+            module = DDP(module, device_ids=[device.index] if device.type == "cuda" else None)
         return torch.compile(module) if args.compile else module
 
     return Nets(G, D, ema, gradnorm, opt_g, opt_d, G_train=wrap(G, True), G_frozen=wrap(G, False),
@@ -437,7 +436,6 @@ def train(args):
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     resume_state = checkpoint.load(ckpt_path) if args.resume else None
     autocast = set_precision(args.precision, device)
-    torch.manual_seed(args.seed * 1000 + rank)  # each rank draws its own noise
     np.random.seed(args.seed)
     random.seed(args.seed)
 
@@ -461,7 +459,9 @@ def train(args):
     loader = data.Loader(dataset, args.batch_size // world_size, rank=rank, world_size=world_size, seed=args.seed,
                          num_workers=args.num_workers, device=device)
     generator_kwargs, discriminator_kwargs = network_kwargs(args, in_channels, input_size, num_classes)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
     nets = build_nets(args, generator_kwargs, discriminator_kwargs, device, distributed=world_size > 1)
+    torch.manual_seed(args.seed * 1000 + rank + 1)  # then each rank draws its own noise
     step = 0
     if resume_state is not None:
         restore(nets, resume_state, loader, rank, world_size)

@@ -48,13 +48,11 @@ def state_dict():
 
 
 @pytest.fixture(scope="module")
-def models(state_dict):
-    result = {}
-    for resize in ("tf1", "pytorch"):
-        model = fid.InceptionV3(resize=resize)
-        model.load_state_dict(state_dict, strict=True)
-        result[resize] = model.eval()
-    return result
+def model(state_dict):
+    """One network with the fixture weights; tests pick the pipeline by setting model.resize."""
+    model = fid.InceptionV3()
+    model.load_state_dict(state_dict, strict=True)
+    return model.eval()
 
 
 def nchw(images_nhwc):
@@ -64,28 +62,29 @@ def nchw(images_nhwc):
 # ----------------------------------------------------------------------------------------------------------------------
 # The network
 
-def test_state_dict_matches_weight_file_layout():
-    model = fid.InceptionV3()
+def test_state_dict_matches_weight_file_layout(model):
     ours = [(key, tuple(value.shape)) for key, value in model.state_dict().items()]
     theirs = [(key, tuple(shape)) for key, shape in REFERENCE["keys_shapes"]]
     assert ours == theirs  # same keys, same shapes, same order
 
 
 @pytest.mark.parametrize("resize,size", [("tf1", 32), ("tf1", 299), ("pytorch", 32), ("pytorch", 299)])
-def test_features_match_reference(models, resize, size):
+def test_features_match_reference(model, resize, size):
     expected = REFERENCE[f"feat_{resize}"][size]
+    model.resize = resize
     with torch.inference_mode():
-        features = models[resize](nchw(REFERENCE["images"][size]))
+        features = model(nchw(REFERENCE["images"][size]))
     assert features.shape == (len(expected), 2048) and features.dtype == torch.float32
     relative = ((features - expected).norm() / expected.norm()).item()
     assert relative < 1e-6, relative  # measured: 0 for tf1 (bit-exact), about 1.2e-7 for pytorch
     torch.testing.assert_close(features, expected, rtol=0, atol=1e-6 * expected.abs().max().item())
 
 
-def test_float_input_in_0_255_equals_uint8(models):
+def test_float_input_in_0_255_equals_uint8(model):
     images = nchw(REFERENCE["images"][32][:1])
+    model.resize = "tf1"
     with torch.inference_mode():
-        assert torch.equal(models["tf1"](images), models["tf1"](images.float()))
+        assert torch.equal(model(images), model(images.float()))
 
 
 def test_bad_resize_name_is_rejected():
@@ -207,6 +206,16 @@ def test_npz_is_streamed_in_batches(tmp_path):
         assert np.array_equal(np.concatenate(batches), images)
 
 
+def test_npz_with_wrong_image_layout_fails_before_the_network_loads(tmp_path):
+    np.savez(tmp_path / "nchw.npz", arr_0=np.zeros((2, 3, 8, 8), np.uint8))
+
+    def get_model():
+        raise AssertionError("the network should not be needed")
+
+    with pytest.raises(fid.FidError, match=r"arr_0 must be uint8 \(N, H, W, 3\)"):
+        fid.source_statistics(str(tmp_path / "nchw.npz"), get_model, 8, "cpu")
+
+
 def test_folder_and_npz_give_the_same_statistics(tmp_path, capsys):
     images = np.random.RandomState(6).randint(0, 256, (5, 32, 32, 3), dtype=np.uint8)
     np.savez(tmp_path / "set.npz", arr_0=images)
@@ -294,6 +303,15 @@ def test_download_failure_says_where_to_put_the_file(tmp_path):
         fid.download((tmp_path / "does-not-exist").as_uri(), target, "0" * 64)
 
 
+def test_default_weights_path_follows_the_environment(tmp_path, monkeypatch):
+    # An existing file at the default location is loaded as it is (no download); here it has the wrong keys.
+    torch.save({"fc.bias": torch.zeros(1008)}, tmp_path / "inception.pth")
+    monkeypatch.setenv("AFM_FID_WEIGHTS", str(tmp_path / "inception.pth"))
+    assert fid.default_weights_path() == tmp_path / "inception.pth"
+    with pytest.raises(fid.FidError, match="565 missing keys"):
+        fid.load_inception()
+
+
 def test_load_inception_checks_keys(tmp_path, state_dict):
     wrong = tmp_path / "wrong.pth"
     torch.save({"fc.weight": torch.zeros(3)}, wrong)
@@ -334,7 +352,7 @@ def test_cli_weights_with_wrong_keys_is_one_line_error(tmp_path):
     assert_one_line_error(result, "not the FID Inception", "missing keys")
 
 
-def test_cli_stats_uses_the_model(tmp_path, models, state_dict):
+def test_cli_stats_uses_the_model(tmp_path, model, state_dict):
     # Seeded weights passed with --weights: an explicit file is checked by keys and shapes, not by checksum.
     torch.save(state_dict, tmp_path / "seeded.pth")
     images = np.random.RandomState(9).randint(0, 256, (4, 32, 32, 3), dtype=np.uint8)
@@ -343,7 +361,8 @@ def test_cli_stats_uses_the_model(tmp_path, models, state_dict):
                      "--weights", tmp_path / "seeded.pth", "--device", "cpu", "--batch-size", "3")
     assert result.returncode == 0, result.stderr
 
-    mu, sigma = fid.compute_statistics(fid.iterate_array(images, 3), models["tf1"], "cpu")
+    model.resize = "tf1"  # the CLI's default
+    mu, sigma = fid.compute_statistics(fid.iterate_array(images, 3), model, "cpu")
     assert mu.shape == (2048,) and sigma.shape == (2048, 2048)
     with np.load(tmp_path / "a_stats.npz") as saved:
         np.testing.assert_allclose(saved["mu"], mu, rtol=1e-6)

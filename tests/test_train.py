@@ -144,7 +144,7 @@ def test_torchrun_two_processes_keep_identical_parameters(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          str(ROOT / "tests" / "ddp_worker.py"), "--data", "folder", "--data-path", folder, "--image-size", "32",
          "--out-dir", str(out), "--max-steps", "3", "--sample-every", "3", "--device", "cpu", *FAST],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
