@@ -38,11 +38,13 @@ from tqdm import tqdm
 
 import checkpoint
 import data
+import fid
 import losses
 import vae
+from augment import PairedAugment
 from gradnorm import GradientNormalization
 from model import MODELS, Discriminator, Generator
-from sample import LATENT_SCALE, sample
+from sample import LATENT_SCALE, sample, sample_images
 
 # ----------------------------------------------------------------------------------------------------------------
 # Configuration. Flags left unset take the preset of their data source; the paper's values are the ImageNet ones.
@@ -58,6 +60,33 @@ PRESETS = {
     "imagenet": dict(model="XL/2", image_size=256, batch_size=256, lr=1e-4, max_steps=1_000_000, ema_decay=0.9999,
                      ot_decay_steps=500_000, ckpt_every=5000, sample_every=5000, log_every=100),
 }
+
+
+def phase_preset(phase, nfe, repeat, model):
+    """One row of the paper's Table 11, the schedule the authors ran by hand, for this model, NFE and depth.
+
+    1  guidance-free, lambda_ot cosine 0.2 -> 0.005 (0.25 for multi-step; -> 0.01 for B/2), lr 1e-4
+    2  lambda_ot constant 0.001, lr 8e-5, EMA reload
+    3  lr 3e-5, EMA reload and D reload when FID stalls
+    4  guidance: flow-based CG (1-NFE: 0.003, t' ~ U(0, 0.1), lr 5e-5; multi-step: 0.02 at target t in {0} or
+       {0, 0.25}, lr 3e-5) with discriminator augmentation p = 0.4
+    Deep generators (repeat R) use the D learning rates below and G's = D's / R, as in the table.
+    """
+    multi_step = nfe != 1
+    lr = {1: 1e-4, 2: 8e-5, 3: 3e-5, 4: 3e-5 if multi_step else 5e-5}[phase]
+    lr = {2: {3: 3e-5, 4: 2e-5}, 4: {3: 1e-5, 4: 2e-5}}.get(repeat, {}).get(phase, lr)
+    preset = dict(lr=lr)
+    if phase == 1:
+        preset.update(ot_start=0.25 if multi_step else 0.2, ot_end=0.01 if model == "B/2" else 0.005)
+    else:
+        preset.update(ot_start=0.001, ot_end=0.001, ema_reload_every=5000)  # every 10k-iteration evaluation
+    if phase >= 3:
+        preset.update(d_reload_on_stall=3)
+    if phase == 4 and multi_step:
+        preset.update(cg_scale=0.02, cg_target_times="0" if nfe == 2 else "0,0.25", augment_p=0.4)
+    elif phase == 4:
+        preset.update(cg_scale=0.003, cg_t="0,0.1", augment_p=0.4)
+    return preset
 
 
 def parse_args(argv=None):
@@ -79,12 +108,13 @@ def parse_args(argv=None):
                    "for XL/2); G's learning rate is divided by it")
     p.add_argument("--batch-size", type=int, default=None, help="global batch for each of the D and G updates")
     p.add_argument("--lr", type=float, default=None, help="AdamW learning rate of D, and of G before / repeat")
+    p.add_argument("--g-lr", type=float, default=None, help="G's learning rate (default: --lr / --repeat)")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--ema-decay", type=float, default=None)
     p.add_argument("--grad-clip", type=float, default=None, help="max gradient norm (default 50 for 1-NFE, "
                    "5 for multi-step and deep generators, as the authors' configs)")
     p.add_argument("--ot-start", type=float, default=None, help="lambda_ot at step 0 (0.2; 0.25 multi-step)")
-    p.add_argument("--ot-end", type=float, default=0.005, help="lambda_ot after the cosine decay")
+    p.add_argument("--ot-end", type=float, default=None, help="lambda_ot after the cosine decay (0.005)")
     p.add_argument("--ot-decay-steps", type=int, default=None, help="length of the cosine decay, in steps")
     p.add_argument("--gp-scale", type=float, default=0.25, help="lambda_gp for the R1 and R2 penalties")
     p.add_argument("--gp-eps", type=float, default=0.01, help="finite-difference step of R1/R2")
@@ -106,16 +136,44 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=None)
     p.add_argument("--max-bad-steps", type=int, default=5,
                    help="stop after this many consecutive steps with a non-finite loss or gradient")
+    p.add_argument("--phase", type=int, choices=[1, 2, 3, 4], default=None,
+                   help="apply that row of the paper's Table 11 for --model/--nfe/--repeat; explicit flags win")
+    p.add_argument("--init-from", default=None, help="start from another run's ckpt.pt: G, EMA, D and gradnorm "
+                   "state are kept, optimizers and hyperparameters are new (the previous phase's checkpoint)")
+    p.add_argument("--classifier", default=None, help="classifier.pt for flow-based classifier guidance")
+    p.add_argument("--cg-scale", type=float, default=None, help="lambda_cg (0: no guidance)")
+    p.add_argument("--cg-t", default=None, help="1-NFE guidance: t' ~ U(lo, hi), as 'lo,hi' (eq. 26)")
+    p.add_argument("--cg-target-times", default=None,
+                   help="multi-step guidance: CE at t' = the target time, on these target times, e.g. '0,0.25'")
+    p.add_argument("--augment-p", type=float, default=None, help="discriminator augmentation probability")
+    p.add_argument("--ema-reload-every", type=int, default=None, help="copy the EMA into G every N steps (0: off)")
+    p.add_argument("--d-reload", default=None, help="start D from this checkpoint's D")
+    p.add_argument("--d-reload-on-stall", type=int, default=None,
+                   help="reload D from the best-FID point after this many evaluations without improvement")
+    p.add_argument("--fid-every", type=int, default=0, help="in-loop FID of the EMA every N steps (0: off)")
+    p.add_argument("--fid-samples", type=int, default=10_000, help="class-balanced samples per in-loop FID")
+    p.add_argument("--fid-ref", default=None, help="reference statistics .npz (mu, sigma) from `fid.py --stats`")
+    p.add_argument("--fid-weights", default=None, help="FID Inception weights (default: downloaded once)")
+    p.add_argument("--train-classifier", action="store_true",
+                   help="train the time-conditioned classifier for flow-based guidance instead (classifier.py)")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     args = p.parse_args(argv)
-    for name, value in PRESETS[args.data].items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    args.nfe = "any" if args.nfe == "any" else int(args.nfe)
+    try:
+        args.nfe = "any" if args.nfe == "any" else int(args.nfe)
+    except ValueError:
+        p.error(f"--nfe must be a positive integer or 'any', got {args.nfe!r}")
     multi_step = args.nfe != 1
-    args.pred = args.pred or ("v" if multi_step else "x")
-    args.ot_start = args.ot_start if args.ot_start is not None else (0.25 if multi_step else 0.2)
-    args.grad_clip = args.grad_clip or (5.0 if multi_step or args.repeat > 1 else 50.0)
+    # Precedence: explicit flags, then the --phase row, then the --data preset, then the paper's defaults.
+    model = args.model or PRESETS[args.data]["model"]
+    presets = [phase_preset(args.phase, args.nfe, args.repeat, model) if args.phase else {}, PRESETS[args.data],
+               dict(pred="v" if multi_step else "x", ot_start=0.25 if multi_step else 0.2, ot_end=0.005,
+                    grad_clip=5.0 if multi_step or args.repeat > 1 else 50.0, cg_scale=0.0, cg_t="0,0.1",
+                    augment_p=0.0, ema_reload_every=0, d_reload_on_stall=0)]
+    for preset in presets:
+        for name, value in preset.items():
+            if getattr(args, name, None) is None:
+                setattr(args, name, value)
+    args.g_lr = args.g_lr or args.lr / args.repeat
     return args
 
 
@@ -129,6 +187,12 @@ def validate(args, world_size):
         raise data.DataError(f"--nfe must be a positive integer or 'any', got {args.nfe}")
     if args.repeat < 1 or (args.repeat > 1 and args.nfe != 1):
         raise data.DataError("--repeat needs a 1-NFE generator (--nfe 1) and must be >= 1")
+    if args.cg_scale > 0 and not args.classifier:
+        raise data.DataError("classifier guidance (--cg-scale > 0, or --phase 4) needs --classifier PATH; train "
+                             "one with `python train.py --train-classifier`")
+    if args.d_reload_on_stall and not (args.fid_every and args.fid_ref):
+        raise data.DataError("--d-reload-on-stall (phases 3 and 4) watches the in-loop FID: pass --fid-every N "
+                             "and --fid-ref STATS.npz, or --d-reload-on-stall 0")
 
 
 def ot_scale_at(step, start, end, decay_steps):
@@ -200,8 +264,9 @@ def build_nets(args, generator_kwargs, discriminator_kwargs, device, distributed
     gradnorm = GradientNormalization().to(device)
     fused = device.type == "cuda"
     d_params = [p for p in D.parameters() if p.requires_grad]
-    opt_g = torch.optim.AdamW([p for p in G.parameters() if p.requires_grad], lr=args.lr / args.repeat, betas=(0.0, 0.9), eps=1e-8,
-                              weight_decay=args.weight_decay, fused=fused)
+    g_params = [p for p in G.parameters() if p.requires_grad]
+    opt_g = torch.optim.AdamW(g_params, lr=args.g_lr, betas=(0.0, 0.9), eps=1e-8, weight_decay=args.weight_decay,
+                              fused=fused)
     opt_d = torch.optim.AdamW(d_params, lr=args.lr, betas=(0.0, 0.9), eps=1e-8,
                               weight_decay=args.weight_decay, fused=fused)
 
@@ -282,6 +347,27 @@ def train_step(nets, args, x_d, y_d, x_g, y_g, ot_scale, autocast, augment=None,
     return {**d_metrics, **g_metrics}, d_ok and g_ok
 
 
+def make_guidance(args, device):
+    """The flow-based classifier-guidance term for the G step, or None. The classifier is frozen, in eval mode,
+    and runs inside the same autocast as D. 1-NFE: t' ~ U(lo, hi) with fresh noise (eq. 26). Multi-step: the
+    cross-entropy at t' = the target time t of each sample, on the chosen target times only (eq. 38)."""
+    if args.cg_scale <= 0:
+        return None
+    import classifier as classifier_file
+    classifier = classifier_file.load_classifier(args.classifier, device)
+    if args.nfe == 1:
+        t_lo, t_hi = (float(v) for v in args.cg_t.split(","))
+        return lambda fake, y, t: args.cg_scale * losses.classifier_guidance_loss(classifier, fake, y, t_lo, t_hi)
+    target_times = torch.tensor([float(v) for v in args.cg_target_times.split(",")], device=device)
+
+    def multistep_guidance(fake, y, t):
+        selected = (t[:, None] - target_times[None]).abs().min(dim=1).values < 1e-6  # (N,) bool
+        ce = torch.nn.functional.cross_entropy(classifier(fake, t), y, reduction="none")
+        return args.cg_scale * (ce * selected).mean()
+
+    return multistep_guidance
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints and RNG state
 
@@ -339,9 +425,17 @@ def save_checkpoint(state, nets, out_dir, keep):
     return True
 
 
-def restore(nets, state, loader, rank, world_size):
+def load_networks(nets, state, source):
+    """G, EMA, D and the gradient-normalization EMA from a train.py checkpoint (resume, or --init-from)."""
+    if not isinstance(state, dict) or not all(k in state for k in ("G", "ema", "D", "gradnorm")):
+        raise checkpoint.CheckpointError(f"{source} is not a train.py checkpoint (it needs G, ema, D, gradnorm)")
     for name, module in [("G", nets.G), ("ema", nets.ema), ("D", nets.D), ("gradnorm", nets.gradnorm)]:
-        checkpoint.load_weights(module, state[name], what=f"checkpoint {name}")
+        checkpoint.load_weights(module, state[name], what=f"{source} [{name}]")
+
+
+def restore(nets, state, loader, rank, world_size):
+    """Everything a checkpoint holds, so that the run continues exactly as if it had never stopped."""
+    load_networks(nets, state, "checkpoint")
     nets.opt_g.load_state_dict(state["opt_g"])
     nets.opt_d.load_state_dict(state["opt_d"])
     loader.load_state_dict(state["data"])
@@ -427,6 +521,31 @@ def check_out_dir(out_dir):
         raise data.DataError(f"--out-dir {out_dir} is not writable ({e.strerror})") from None
 
 
+@torch.no_grad()
+def in_loop_fid(ema, args, inception, reference, decode, device, rank, world_size):
+    """FID of --fid-samples class-balanced EMA samples against --fid-ref. Sample i always gets the noise of
+    (seed, i), so successive evaluations compare like with like; the ranks split the samples and sum their
+    feature statistics. A rough in-training estimate: report final numbers from 50k samples (README)."""
+    stats = fid.FeatureStatistics(device=device)
+    indices = np.arange(rank, args.fid_samples, world_size)
+    nfe = 8 if args.nfe == "any" else args.nfe
+    for start in range(0, len(indices), args.batch_size // world_size):
+        batch = indices[start:start + args.batch_size // world_size]
+        labels = torch.from_numpy(batch % ema.num_classes)
+        images = sample_images(ema, decode, batch, labels, args.seed, nfe, args.pred, device)  # uint8 NHWC
+        stats.update(inception(images.to(device).permute(0, 3, 1, 2)))
+    if world_size > 1:
+        count = torch.tensor(float(stats.count), dtype=torch.float64, device=stats.sum.device)
+        for total in (stats.sum, stats.sum_outer, count):
+            dist.all_reduce(total)
+        stats.count = int(count.item())
+    mu, sigma = stats.mean_and_covariance()
+    value = torch.tensor(fid.frechet_distance(mu, sigma, reference["mu"], reference["sigma"]), device=device)
+    if world_size > 1:
+        dist.broadcast(value, src=0)  # every rank takes the same reload decisions
+    return value.item()
+
+
 def train(args):
     rank, world_size, device = setup_distributed(args.device)
     validate(args, world_size)
@@ -439,12 +558,15 @@ def train(args):
     np.random.seed(args.seed)
     random.seed(args.seed)
 
+    # Data. Rank 0 goes first, so that only it downloads.
     if world_size > 1 and not main_process:
-        dist.barrier()  # rank 0 first, so that only it downloads
+        dist.barrier()
     dataset, num_classes, in_channels, input_size = data.make_dataset(args.data, args.data_path, args.image_size)
     if world_size > 1 and main_process:
         dist.barrier()
-    autoencoder = vae.load_vae(args.vae, device).requires_grad_(False) if args.vae else None
+    loader = data.Loader(dataset, args.batch_size // world_size, rank=rank, world_size=world_size, seed=args.seed,
+                         num_workers=args.num_workers, device=device)
+    autoencoder = vae.load_vae(args.vae, device) if args.vae else None
     encode_on_the_fly = args.data == "imagenet" and in_channels == 3
     if encode_on_the_fly:  # an ImageNet image folder: the networks see SD-VAE latents
         if autoencoder is None:
@@ -456,21 +578,40 @@ def train(args):
         x, y = next(loader)
         return (encode_latents(autoencoder, x) if encode_on_the_fly else x), y
 
-    loader = data.Loader(dataset, args.batch_size // world_size, rank=rank, world_size=world_size, seed=args.seed,
-                         num_workers=args.num_workers, device=device)
+    def decode(x):  # generator output -> [-1, 1] pixels, or None when latents cannot be decoded
+        if in_channels == 3:
+            return x
+        return autoencoder.decode(x / LATENT_SCALE) if autoencoder is not None else None
+
+    # Networks, and where they start from: a resumed run, a previous phase (--init-from), or scratch.
     generator_kwargs, discriminator_kwargs = network_kwargs(args, in_channels, input_size, num_classes)
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     nets = build_nets(args, generator_kwargs, discriminator_kwargs, device, distributed=world_size > 1)
     torch.manual_seed(args.seed * 1000 + rank + 1)  # then each rank draws its own noise
-    step = 0
+    step, best_fid, evals_since_best, best_d = 0, None, 0, None
     if resume_state is not None:
         restore(nets, resume_state, loader, rank, world_size)
-        step = resume_state["step"]
+        step, best_fid, evals_since_best = resume_state["step"], *resume_state["fid_tracking"]
+        best_d = resume_state.get("best_D")
+    else:
+        if args.init_from:
+            load_networks(nets, checkpoint.load(args.init_from), args.init_from)
+        if args.d_reload:
+            reload_state = checkpoint.load(args.d_reload)
+            checkpoint.load_weights(nets.D, reload_state.get("D", reload_state), what=f"--d-reload {args.d_reload}")
+    guidance = make_guidance(args, device)
+    augment = PairedAugment(p=args.augment_p) if args.augment_p > 0 else None
+    if args.fid_every:
+        inception = fid.load_inception(args.fid_weights, device=device)
+        reference = np.load(args.fid_ref)
+        if "mu" not in reference or "sigma" not in reference:
+            raise data.DataError(f"--fid-ref {args.fid_ref} has no mu/sigma: write it with `python fid.py --stats`")
 
     if main_process:
         n_params = sum(p.numel() for p in nets.G.parameters()) / 1e6
         print(f"G {args.model} ({n_params:.1f}M params), {len(dataset)} training samples, {world_size} x {device}, "
               f"global batch {args.batch_size}, starting at step {step}")
+        print("config: " + json.dumps(vars(args)))
         with open(os.path.join(args.out_dir, "config.json"), "w") as f:
             json.dump(vars(args), f, indent=2)
     grid_noise, grid_labels = grid_inputs(num_classes, (in_channels, input_size, input_size), args.seed, device)
@@ -480,19 +621,32 @@ def train(args):
     progress = tqdm(total=args.max_steps, initial=step, disable=not main_process, dynamic_ncols=True)
     tic, tic_step = time.time(), step
 
+    def log(record):
+        if main_process:
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+            if "event" in record:
+                progress.write(f"step {record['step']}: {record['event']}")
+
+    def state_now():
+        state = checkpoint_state(nets, args, step, loader, gather_rng_states(world_size), generator_kwargs,
+                                 discriminator_kwargs)
+        state["fid_tracking"] = [best_fid, evals_since_best]
+        if best_d is not None:
+            state["best_D"] = best_d
+        return state
+
     def save():
         nonlocal last_saved_step
-        rng_states = gather_rng_states(world_size)
-        if main_process and save_checkpoint(
-                checkpoint_state(nets, args, step, loader, rng_states, generator_kwargs, discriminator_kwargs),
-                nets, args.out_dir, args.keep):
+        state = state_now()
+        if main_process and save_checkpoint(state, nets, args.out_dir, args.keep):
             last_saved_step = step
 
     while step < args.max_steps:
         x_d, y_d = next_batch()
         x_g, y_g = next_batch()
         ot_scale = ot_scale_at(step, args.ot_start, args.ot_end, args.ot_decay_steps)
-        metrics, ok = train_step(nets, args, x_d, y_d, x_g, y_g, ot_scale, autocast)
+        metrics, ok = train_step(nets, args, x_d, y_d, x_g, y_g, ot_scale, autocast, augment, guidance)
         step += 1
         bad_steps = 0 if ok else bad_steps + 1
         if bad_steps >= args.max_bad_steps:
@@ -511,19 +665,35 @@ def train(args):
                           lr_g=nets.opt_g.param_groups[0]["lr"], lr_d=nets.opt_d.param_groups[0]["lr"],
                           img_per_s=(step - tic_step) * args.batch_size / max(elapsed, 1e-9))
             pending, tic, tic_step = [], time.time(), step
-            if main_process:
-                log_file.write(json.dumps(record) + "\n")
-                log_file.flush()
-                progress.set_postfix(d=f"{record['d_loss']:.3f}", g=f"{record['g_adv']:.3f}",
-                                     ot=f"{record['g_ot']:.3f}", img_s=f"{record['img_per_s']:.0f}")
+            log(record)
+            progress.set_postfix(d=f"{record['d_loss']:.3f}", g=f"{record['g_adv']:.3f}",
+                                 ot=f"{record['g_ot']:.3f}", img_s=f"{record['img_per_s']:.0f}")
         if main_process and (step % args.sample_every == 0 or step == args.max_steps):
             with torch.no_grad():
-                images = sample(nets.ema, grid_noise, grid_labels, nfe=8 if args.nfe == "any" else args.nfe,
-                                pred=args.pred)
-                if in_channels == 4 and autoencoder is not None:
-                    images = autoencoder.decode(images / LATENT_SCALE)
-            if images.shape[1] == 3:  # latents without a VAE to decode them make no picture
+                images = decode(sample(nets.ema, grid_noise, grid_labels, nfe=8 if args.nfe == "any" else args.nfe,
+                                       pred=args.pred))
+            if images is not None:
                 save_grid(images, os.path.join(args.out_dir, f"samples_{step:08d}.png"), nrow=8)
+        if args.ema_reload_every and step % args.ema_reload_every == 0:
+            nets.G.load_state_dict(nets.ema.state_dict())  # the weight average is the better equilibrium
+            log(dict(step=step, event="EMA reloaded into G"))
+        if args.fid_every and (step % args.fid_every == 0 or step == args.max_steps):
+            fid_value = in_loop_fid(nets.ema, args, inception, reference, decode, device, rank, world_size)
+            log(dict(step=step, fid=fid_value, fid_samples=args.fid_samples))
+            if best_fid is None or fid_value < best_fid:
+                best_fid, evals_since_best = fid_value, 0
+                if args.d_reload_on_stall:
+                    best_d = {k: v.detach().cpu().clone() for k, v in nets.D.state_dict().items()}
+                state = state_now()
+                if main_process:
+                    checkpoint.save(state, os.path.join(args.out_dir, "best.pt"))
+            else:
+                evals_since_best += 1
+                if args.d_reload_on_stall and evals_since_best >= args.d_reload_on_stall:
+                    nets.D.load_state_dict(best_d)
+                    evals_since_best = 0
+                    log(dict(step=step, event=f"FID stalled for {args.d_reload_on_stall} evaluations: D reloaded "
+                                              f"from the best-FID point (FID {best_fid:.3f})"))
         stopping = stop.agreed(device, world_size)
         if step % args.ckpt_every == 0 or step == args.max_steps or stopping:
             save()
@@ -546,13 +716,17 @@ class Diverged(Exception):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        train(args)
+        if args.train_classifier:
+            import classifier
+            classifier.train_classifier(args)
+        else:
+            train(args)
     except Diverged as e:
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(3)
-    except (data.DataError, checkpoint.CheckpointError, vae.VAEError) as e:
+    except (data.DataError, checkpoint.CheckpointError, vae.VAEError, fid.FidError) as e:
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)

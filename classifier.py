@@ -1,0 +1,219 @@
+"""Train the time-conditioned classifier that flow-based classifier guidance needs, and load it back.
+
+    python train.py --train-classifier --data folder --data-path DIR --image-size 32      # a laptop run
+    torchrun --nproc_per_node=8 train.py --train-classifier --data imagenet --data-path latents.npy \
+        --model B/2 --max-steps 150000                                                    # the paper's recipe
+
+Flow-based classifier guidance (paper sec. 3.5, eq. 26; App. F; PAPER.md 3.6) asks a classifier C(x_t', t') how
+recognisable G's output still is after re-noising it to a random time t' with fresh noise. So C must work at every
+noise level: it is trained with cross-entropy on x_t = (1 - t) x + t z with t ~ U(0, 1) per sample, and sees t
+through its time embedding (model.Classifier). The recipe (paper sec. 4, the authors' classifier config):
+
+    network     model.Classifier, a DiT with a learned [CLS] token, conditioned on time only; B/2 in the paper
+                (pass --model B/2: the imagenet preset's XL/2 is the GAN's size)
+    data        the same sources as train.py; ImageNet as SD-VAE latents. Affine augmentation of x before noising:
+                p 0.8, +-10 degrees, translate 0.3, scale 1.0-1.3, reflection padding (augment.AffineAugment)
+    optimizer   AdamW, lr --lr (1e-4 in the paper), betas (0.9, 0.95), weight decay 0 (--weight-decay is the
+                GAN's and is not used); gradients clipped at --grad-clip (50: in practice a NaN guard and a log)
+    EMA         decay 0.9995, warmed up as min(0.9995, (1 + step) / (10 + step)) so that a short run's EMA is not
+                mostly the random initialization; after a few thousand steps it is the plain 0.9995 EMA
+    length      30 epochs: --max-steps 150000 at batch 256 on ImageNet
+
+Output in --out-dir: classifier.pt (the EMA weights under "classifier", which guidance uses, plus everything needed
+to --resume exactly) and classifier_log.jsonl. Each log line has the online network's training loss and accuracy
+(augmented x, random t, averaged since the last line), and acc_t0 ... acc_t1: the EMA network's accuracy on the
+current un-augmented batch noised to one fixed t for the whole batch. These should fall from near the clean
+accuracy at t = 0 to chance at t = 1, where the input is pure noise.
+"""
+
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import checkpoint
+import data
+import losses
+import train
+import vae
+from augment import AffineAugment
+from model import MODELS, Classifier
+
+BETAS = (0.9, 0.95)
+WEIGHT_DECAY = 0.0
+EMA_DECAY = 0.9995
+NOISE_LEVELS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def ema_decay_at(step):
+    return min(EMA_DECAY, (1 + step) / (10 + step))
+
+
+@torch.no_grad()
+def accuracy_by_noise_level(net, x, y, seed=0):
+    """{"acc_t0": ..., "acc_t0.25": ..., ...}: accuracy (0-d tensors) with the whole batch at each fixed t. The noise
+    comes from its own generator, the same at every level, so measuring never changes the training random stream."""
+    noise = torch.randn(x.shape, generator=torch.Generator(x.device).manual_seed(seed), device=x.device)
+    accuracies = {}
+    for level in NOISE_LEVELS:
+        t = torch.full((x.shape[0],), level, device=x.device)
+        logits = net(losses.interpolate(x, noise, t), t)
+        accuracies[f"acc_t{level:g}"] = (logits.argmax(1) == y).float().mean()
+    return accuracies
+
+
+def check_contents(state, path):
+    """A classifier checkpoint, or CheckpointError naming what the file is instead."""
+    if isinstance(state, dict) and "classifier" in state and "classifier_kwargs" in state:
+        return
+    if isinstance(state, dict) and "G" in state and "generator_kwargs" in state:
+        raise checkpoint.CheckpointError(f"{path} is a GAN checkpoint (train.py's ckpt.pt), not a classifier; pass "
+                                         f"the classifier.pt written by `python train.py --train-classifier`")
+    raise checkpoint.CheckpointError(f"{path} is not a classifier checkpoint (no 'classifier' weights and "
+                                     f"'classifier_kwargs'); pass a classifier.pt from `train.py --train-classifier`")
+
+
+def load_classifier(path, device="cpu"):
+    """classifier.pt -> model.Classifier with the EMA weights, in eval mode, without gradients, on device."""
+    state = checkpoint.load(path)
+    check_contents(state, path)
+    try:
+        net = Classifier(**state["classifier_kwargs"])
+    except (TypeError, ValueError, KeyError) as e:
+        raise checkpoint.CheckpointError(f"{path} has unusable classifier_kwargs ({e})") from None
+    checkpoint.load_weights(net, state["classifier"], what=f"classifier {path}")
+    return net.to(device).eval().requires_grad_(False)
+
+
+def make_data(args, rank, world_size, device):
+    """The data path of train.py. -> (loader, next_batch, num_classes, in_channels, input_size)."""
+    if world_size > 1 and rank > 0:
+        dist.barrier()  # rank 0 first, so that only it downloads
+    dataset, num_classes, in_channels, input_size = data.make_dataset(args.data, args.data_path, args.image_size)
+    if world_size > 1 and rank == 0:
+        dist.barrier()
+    encode = args.data == "imagenet" and in_channels == 3  # an ImageNet image folder: classify SD-VAE latents
+    if encode and not args.vae:
+        raise data.DataError("--data imagenet with an image folder needs --vae (sd-vae-ft-mse weights), or "
+                             "latents extracted once with `python vae.py`")
+    autoencoder = vae.load_vae(args.vae, device).requires_grad_(False) if encode else None
+    if encode:
+        in_channels, input_size = 4, input_size // 8
+    loader = data.Loader(dataset, args.batch_size // world_size, rank=rank, world_size=world_size, seed=args.seed,
+                         num_workers=args.num_workers, device=device)
+
+    def next_batch():
+        x, y = next(loader)
+        return (train.encode_latents(autoencoder, x) if encode else x), y
+
+    return loader, next_batch, num_classes, in_channels, input_size
+
+
+def train_classifier(args):
+    rank, world_size, device = train.setup_distributed(args.device)
+    train.validate(args, world_size)
+    main_process = rank == 0
+    if main_process:
+        train.check_out_dir(args.out_dir)
+    ckpt_path = os.path.join(args.out_dir, "classifier.pt")
+    resume_state = checkpoint.load(ckpt_path) if args.resume else None
+    if resume_state is not None:
+        check_contents(resume_state, ckpt_path)
+    autocast = train.set_precision(args.precision, device)
+    loader, next_batch, num_classes, in_channels, input_size = make_data(args, rank, world_size, device)
+
+    classifier_kwargs = dict(MODELS[args.model], input_size=input_size, in_channels=in_channels,
+                             num_classes=num_classes)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    net = Classifier(**classifier_kwargs).to(device)
+    ema = Classifier(**classifier_kwargs).to(device).requires_grad_(False).eval()
+    ema.load_state_dict(net.state_dict())
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=BETAS, weight_decay=WEIGHT_DECAY, fused=device.type == "cuda")
+    net_train = DDP(net, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else net
+    torch.manual_seed(args.seed * 1000 + rank + 1)  # then each rank draws its own augmentations, times and noise
+    step = 0
+    if resume_state is not None:
+        checkpoint.load_weights(net, resume_state["online"], what=f"{ckpt_path} online")
+        checkpoint.load_weights(ema, resume_state["classifier"], what=f"{ckpt_path} classifier")
+        opt.load_state_dict(resume_state["opt"])
+        loader.load_state_dict(resume_state["data"])
+        step = resume_state["step"]
+        if len(resume_state["rng"]) == world_size:
+            train.set_rng_state(resume_state["rng"][rank])
+        else:
+            print("warning: resuming with a different number of processes; random streams restart", file=sys.stderr)
+
+    if main_process:
+        print(f"classifier {args.model} ({sum(p.numel() for p in params) / 1e6:.1f}M params), {num_classes} classes, "
+              f"{world_size} x {device}, global batch {args.batch_size}, starting at step {step}")
+    augment = AffineAugment()
+    log_file = open(os.path.join(args.out_dir, "classifier_log.jsonl"), "a") if main_process else None
+    stop = train.StopFlag()
+    progress = tqdm(total=args.max_steps, initial=step, disable=not main_process, dynamic_ncols=True)
+    pending, bad_steps, tic, tic_step = [], 0, time.time(), step
+
+    def save():
+        rng_states = train.gather_rng_states(world_size)
+        if main_process:
+            checkpoint.save({"classifier_kwargs": classifier_kwargs, "classifier": ema.state_dict(),
+                             "online": net.state_dict(), "opt": opt.state_dict(), "step": step,
+                             "config": vars(args), "rng": rng_states, "data": loader.state_dict()}, ckpt_path)
+
+    while step < args.max_steps:
+        x, y = next_batch()
+        t = torch.rand(x.shape[0], device=device)
+        x_t = losses.interpolate(augment(x), torch.randn_like(x), t)
+        with autocast():
+            logits = net_train(x_t, t).float()
+        loss = F.cross_entropy(logits, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        if bool(torch.isfinite(loss + grad_norm)):  # a non-finite step is skipped, never applied
+            opt.step()
+            train.update_ema(ema, net, ema_decay_at(step))
+            bad_steps = 0
+        else:
+            bad_steps += 1
+            if bad_steps >= args.max_bad_steps:
+                raise train.Diverged(f"{bad_steps} consecutive non-finite steps up to step {step + 1}; "
+                                     f"lower --lr or resume from {ckpt_path}")
+        step += 1
+        pending.append(torch.stack([loss.detach(), (logits.argmax(1) == y).float().mean(), grad_norm.detach()]))
+
+        if step % args.log_every == 0 or step == args.max_steps:
+            with autocast():
+                by_level = accuracy_by_noise_level(ema, x, y, seed=step * 1000 + rank)
+            values = torch.cat([torch.stack(pending).mean(0), torch.stack(list(by_level.values())).float()])
+            if world_size > 1:
+                dist.all_reduce(values)
+                values /= world_size
+            names = ["loss", "acc", "grad_norm", *by_level]
+            record = dict(step=step, **dict(zip(names, values.tolist())), lr=args.lr,
+                          img_per_s=(step - tic_step) * args.batch_size / max(time.time() - tic, 1e-9))
+            pending, tic, tic_step = [], time.time(), step
+            if main_process:
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+                progress.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['acc']:.2f}",
+                                     acc_t0=f"{record['acc_t0']:.2f}", acc_t1=f"{record['acc_t1']:.2f}")
+        stopping = stop.agreed(device, world_size)
+        if step % args.ckpt_every == 0 or step == args.max_steps or stopping:
+            save()
+        progress.update(1)
+        if stopping:
+            break
+    progress.close()
+    if log_file:
+        log_file.close()
+    if world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return ema
