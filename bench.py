@@ -130,11 +130,11 @@ def count_flops(fn):
     return counter.get_total_flops()
 
 
-def matmul_rate(n, dtype, device, repeats=3):
-    """FLOP/s of an n x n @ n x n torch.mm (median of repeats, after one untimed call)."""
+def matmul_rate(n, dtype, device):
+    """FLOP/s of an n x n @ n x n torch.mm: the median of 3 (10 on CUDA) after one untimed call."""
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
     torch.mm(a, b)
-    return 2 * n**3 / (median_ms(lambda: torch.mm(a, b), repeats, device) / 1e3)
+    return 2 * n**3 / (median_ms(lambda: torch.mm(a, b), 10 if device.type == "cuda" else 3, device) / 1e3)
 
 
 def matmul_peaks(device):
@@ -215,7 +215,20 @@ def loader_batches(root, bench, args, iterations, device):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The baseline: the authors' training step
+# The baseline: the authors' training step, as their public trainer runs it (ByteDance-Seed/Adversarial-Flow-Models,
+# train_adversarial_flow_imagenet.py, AdversarialFlowTrainer.training_step / optimizer_step / ema_step), written
+# plainly with losses.py's terms, so that it computes train.py's objective (tests/test_bench.py checks this).
+#
+# Shared with train.train_step: G under no grad in the D update, with ONE D forward on the concatenation
+# [real, fake, real[:k] + eps n1, fake[:k] + eps n2] (their trainer concatenates; the paper's Algorithm 2 draws four
+# calls); D's parameters frozen (requires_grad False) in the G update; gradient clipping of both networks.
+# Different, and so what `ratio` measures:
+#   - the G update calls D twice, on real and on gradnorm(fake);
+#   - AdamW as torch builds it by default (foreach on CUDA, a per-tensor loop on CPU), never fused;
+#   - the EMA is a Python loop of lerp_, one call per parameter;
+#   - a loss.item() per update (their progress bar) instead of train.py's finiteness checks;
+#   - nothing is compiled (their trainer compiles only the VAE and the classifier).
+# Left out, as logging only: their per-update latent statistics and gradient captures.
 
 
 @dataclasses.dataclass
@@ -242,11 +255,8 @@ def build_authors_nets(args, generator_kwargs, discriminator_kwargs, device):
 
 
 def authors_d_update(nets, args, x, y, autocast):
-    """The authors' D update (ByteDance-Seed/Adversarial-Flow-Models, train_adversarial_flow_imagenet.py:
-    training_step with dis_step true, then the loop's backward, optimizer_step): G under no grad, D's parameters
-    set to require grad, D once on the concatenation [real, fake, real[:k] + eps n1, fake[:k] + eps n2] (their
-    trainer concatenates here; the paper's Algorithm 2 shows four calls), the loss, backward, clipping, AdamW,
-    zero_grad of both optimizers, and the loss's .item() for the progress bar. Returns the loss."""
+    """The authors' D update: D's parameters set to require grad, G under no grad, one D forward on real, fake
+    and the perturbed subsets, backward, clipping, AdamW, zero_grad of both optimizers. Returns the loss."""
     for p in nets.d_params:
         p.requires_grad_(True)
     with autocast():
@@ -272,10 +282,8 @@ def authors_d_update(nets, args, x, y, autocast):
 
 
 def authors_g_update(nets, args, x, y, ot_scale, autocast):
-    """The authors' G update (same file, dis_step false, then ema_step): D's parameters frozen, D called twice,
-    on the real batch and then on gradnorm(fake) -- THE difference from train.py, which makes one call on both --
-    the OT loss, backward, clipping, AdamW, zero_grad of both, the EMA as a Python loop of lerp_ over the
-    parameters, and the loss's .item(). Returns the loss."""
+    """The authors' G update: D's parameters frozen, D(real) and D(gradnorm(fake)) as two calls, plus the OT
+    loss; backward, clipping, AdamW, zero_grad of both optimizers, the EMA loop. Returns the loss."""
     with autocast():
         x_src, real, s, t, w = losses.make_pairs(x, args.nfe)
         fake = losses.predict(nets.G, x_src, y, s, t, args.pred)

@@ -10,6 +10,8 @@
 
 import os
 import pickle
+import re
+import warnings
 import zipfile
 
 import torch
@@ -42,11 +44,15 @@ def load(path):
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a plain (non-torch) pickle makes torch warn about its protocol first
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        message = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch colours its message for terminals
+        found = re.search(r"Unsupported (?:global|operand)[^.\n]*", message)
+        reason = found.group(0).strip() if found else type(e).__name__
         raise CheckpointError(f"refusing to load {path}: it is not a plain weights file and would need "
-                              f"arbitrary unpickling, which can run code ({first_line})") from None
+                              f"arbitrary unpickling, which can run code ({reason})") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__})") from None
 

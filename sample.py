@@ -71,18 +71,19 @@ def load_generator(args):
         raise SampleError(f"unknown model {args.model!r}; valid models: {', '.join(MODELS)}")
     has_t_src = any(k.startswith("t_embedder.") for k in state) and args.repeat == 1
     has_t_tgt = any(k.startswith("t_tgt_embedder.") for k in state)
-    nfe = args.nfe or 1
+    nfe = args.nfe or (8 if has_t_tgt else 1)
     if nfe > 1 and not has_t_src:
         raise SampleError(f"{args.ckpt} is a 1-NFE generator (it has no time input); it cannot sample with "
                           f"--nfe {nfe}")
-    if nfe == 1 and has_t_src:
-        raise SampleError(f"{args.ckpt} is a multi-step generator; pass the --nfe it was trained for (2 or 4)")
+    if nfe == 1 and has_t_src and not has_t_tgt:
+        raise SampleError(f"{args.ckpt} has a time embedder: pass the --nfe of a multi-step generator (2 or 4), "
+                          f"or --repeat (2 or 4) for a deep 1-NFE one")
     num_classes = state["y_embedder.embedding_table.weight"].shape[0] if "y_embedder.embedding_table.weight" \
         in state else 1000
     generator = Generator(use_t_src=has_t_src, use_t_tgt=has_t_tgt, repeat=args.repeat, input_size=32,
                           in_channels=4, num_classes=num_classes, **MODELS[args.model])
     checkpoint.load_weights(generator, state, what=args.ckpt)
-    return generator.eval(), nfe, args.pred or ("x" if nfe == 1 else "v")
+    return generator.eval(), nfe, args.pred or ("v" if has_t_src else "x")
 
 
 def to_uint8(images):
@@ -170,7 +171,11 @@ def sample_npz(args, generator, decode, nfe, pred, device, rank, world_size):
 
 def sample_grid(args, generator, decode, nfe, pred, device):
     if args.labels:
-        labels = [int(c) for c in args.labels.split(",")]
+        try:
+            labels = [int(c) for c in args.labels.split(",")]
+        except ValueError:
+            raise SampleError(f"--labels takes comma-separated class numbers, e.g. 3,3,5; got {args.labels!r}") \
+                from None
     else:  # a row of 8 per class, for at most 10 evenly spaced classes
         classes = np.linspace(0, generator.num_classes - 1, min(generator.num_classes, 10)).round().astype(int)
         labels = np.repeat(classes, 8)[:args.num_samples or None].tolist()
@@ -180,7 +185,7 @@ def sample_grid(args, generator, decode, nfe, pred, device):
     images = sample_images(generator, decode, np.arange(len(labels)), torch.tensor(labels), args.seed, nfe, pred,
                            device)
     from PIL import Image
-    nrow = 8 if not args.labels else min(len(labels), 8)
+    nrow = min(len(labels), 8)
     rows = (len(labels) + nrow - 1) // nrow
     N, H, W, C = images.shape
     grid = np.zeros((rows * H, nrow * W, C), dtype=np.uint8)
@@ -212,6 +217,10 @@ def main(argv=None):
 
     import checkpoint
     try:
+        if args.nfe is not None and args.nfe < 1:
+            raise SampleError(f"--nfe must be a positive number of steps, got {args.nfe}")
+        if args.batch_size < 1:
+            raise SampleError(f"--batch-size must be positive, got {args.batch_size}")
         rank, world_size = 0, 1
         if "RANK" in os.environ:
             rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

@@ -113,7 +113,8 @@ def train(steps=2000, ot_scale=0.05, ot_end=None, seed=0, batch_size=256, lr=1e-
         frac = step / max(steps - 1, 1)
         for opt in (opt_g, opt_d):
             for g in opt.param_groups:
-                g["lr"] = lr * (0.5 * (1 + math.cos(math.pi * frac)) if lr_decay else 1.0)
+                a = min(1.0, max(0.0, (frac - (1 - lr_decay)) / lr_decay)) if lr_decay else 0.0
+                g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * a))
         lam = ot_end + (ot_scale - ot_end) * 0.5 * (1 + math.cos(math.pi * frac))
         loss_g = losses.relativistic_loss(lf, lr_) + lam * losses.ot_loss(fake, z, 1.0)
         opt_g.zero_grad(set_to_none=True)

@@ -17,6 +17,8 @@ import bench
 import losses
 import train
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # in-process tests; the command lines get OMP_NUM_THREADS=1
+
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--model", "T/4", "--image-size", "16", "--batch-size", "4", "--steps", "2", "--warmup", "1", "--device", "cpu"]
 RUNS = {
@@ -28,7 +30,6 @@ RUNS = {
 REQUIRED = ["iter_ms", "img_per_s", "gflop_per_iter", "flop_units", "gflops", "tflops", "mm_fp32_gflops",
             "mm_fraction", "peak_mem_mb", "sample_ms"]
 BASELINE = ["baseline_iter_ms", "baseline_img_per_s", "baseline_gflop_per_iter", "baseline_flop_units", "ratio"]
-pytestmark = pytest.mark.usefixtures("one_thread")  # the in-process tests; the command lines get OMP_NUM_THREADS=1
 CONFIG = ["model", "batch_size", "precision", "compile", "nfe", "repeat", "device", "torch", "threads"]
 
 
