@@ -117,7 +117,11 @@ def make_data(args, rank, world_size, device):
 
 def train_classifier(args):
     rank, world_size, device = train.setup_distributed(args.device)
-    train.validate(args, world_size)
+    if args.model not in MODELS:  # train.validate's checks that concern the classifier; the GAN's flags do not
+        raise data.DataError(f"unknown model {args.model!r}; valid models: {', '.join(MODELS)}")
+    if args.batch_size <= 0 or args.batch_size % world_size:
+        raise data.DataError(f"--batch-size {args.batch_size} must be positive and divisible by the number of "
+                             f"processes ({world_size})")
     main_process = rank == 0
     if main_process:
         train.check_out_dir(args.out_dir)
