@@ -76,12 +76,12 @@ def mlp(width, depth, fourier=0, scale=1.0):
 
 
 def train(steps=2000, ot_scale=0.05, ot_end=None, seed=0, batch_size=256, lr=1e-3, gp_scale=0.01, cp_scale=0.01,
-          gp_eps=0.01, width=128, depth=3, d_fourier=0, d_scale=1.0, g_fourier=0, g_scale=0.0, ema_decay=0.99, progress=False, lr_decay=False, log_every=0):
+          gp_eps=0.01, width=128, depth=3, d_fourier=0, d_scale=1.0, g_fourier=0, g_scale=0.0, ema_decay=0.99, g_width=None, progress=False, lr_decay=False, log_every=0):
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    G = mlp(width, depth, g_fourier, g_scale)
+    G = mlp(g_width or width, depth, g_fourier, g_scale)
     D = mlp(width, depth, d_fourier, d_scale)
-    G_ema = mlp(width, depth, g_fourier, g_scale)
+    G_ema = mlp(g_width or width, depth, g_fourier, g_scale)
     G_ema.load_state_dict(G.state_dict())
     G_ema.requires_grad_(False)
     opt_g = torch.optim.Adam(G.parameters(), lr=lr, betas=(0.0, 0.9))
