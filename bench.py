@@ -68,7 +68,7 @@ from sample import sample
 
 
 def parse_args(argv=None):
-    """-> (bench options, train.py's args). Flags bench.py does not know go to train.parse_args."""
+    """-> (bench.py's options, train.py's args). Flags bench.py does not know go to train.parse_args."""
     p = argparse.ArgumentParser(
         description="Time train.py's training iteration. Unknown flags are train.py's (--model, --batch-size, "
                     "--nfe, --repeat, --precision, --compile, --device, --num-workers, --vae, ...).",
@@ -80,15 +80,15 @@ def parse_args(argv=None):
     p.add_argument("--baseline", action="store_true", help="also time the authors' training step, and the ratio")
     p.add_argument("--data-loader", action="store_true",
                    help="pull batches from data.Loader over files in a temporary directory, as train.py does")
-    bench, train_argv = p.parse_known_args(argv)
+    options, train_argv = p.parse_known_args(argv)
     args = train.parse_args(train_argv)
-    if bench.steps < 1 or bench.warmup < 0:
+    if options.steps < 1 or options.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
-    if args.vae and not (bench.data_loader and bench.in_channels == 4):
+    if args.vae and not (options.data_loader and options.in_channels == 4):
         p.error("--vae (encoding images on the fly) needs --data-loader and --in-channels 4")
-    if bench.data_loader and bench.in_channels not in (3, 4):
+    if options.data_loader and options.in_channels not in (3, 4):
         p.error("--data-loader writes PNG images (--in-channels 3) or latents (--in-channels 4)")
-    return bench, args
+    return options, args
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -170,7 +170,7 @@ def synthetic_batches(args, shape, num_classes, device):
     return lambda: batches
 
 
-def write_dataset(root, bench, args, count):
+def write_dataset(root, options, args, count):
     """count random samples on disk, in a format train.py reads; -> the dataset, as data.make_dataset makes it.
 
     PNG class folders (data.ImageFolder: train.py --data folder, or --data imagenet with --vae), or, for 4 channels
@@ -178,10 +178,10 @@ def write_dataset(root, bench, args, count):
     Only 64 distinct PNGs are encoded; the other files are hard links to them.
     """
     rng = np.random.default_rng(args.seed)
-    if bench.in_channels == 3 or args.vae:
+    if options.in_channels == 3 or args.vae:
         distinct = []
         for i in range(count):
-            folder = os.path.join(root, f"{i % bench.num_classes:04d}")  # sorted names = label order
+            folder = os.path.join(root, f"{i % options.num_classes:04d}")  # sorted names = label order
             os.makedirs(folder, exist_ok=True)
             path = os.path.join(folder, f"{i}.png")
             if len(distinct) < 64:
@@ -194,16 +194,16 @@ def write_dataset(root, bench, args, count):
     path = os.path.join(root, "latents.npy")
     size = args.image_size
     records = np.lib.format.open_memmap(path, mode="w+", shape=(count,), dtype=[
-        ("latent", "<f2", (2, bench.in_channels, size, size)), ("label", "<i8")])
-    records["latent"] = rng.standard_normal((count, 2, bench.in_channels, size, size), dtype=np.float32)
-    records["label"] = rng.integers(0, bench.num_classes, count)
+        ("latent", "<f2", (2, options.in_channels, size, size)), ("label", "<i8")])
+    records["latent"] = rng.standard_normal((count, 2, options.in_channels, size, size), dtype=np.float32)
+    records["label"] = rng.integers(0, options.num_classes, count)
     records.flush()
     return data.LatentDataset(path)
 
 
-def loader_batches(root, bench, args, iterations, device):
+def loader_batches(root, options, args, iterations, device):
     """Batches pulled from data.Loader and, with --vae, encoded to latents, as train.py's next_batch does."""
-    dataset = write_dataset(root, bench, args, count=(2 * iterations + 1) * args.batch_size)  # no epoch ends
+    dataset = write_dataset(root, options, args, count=(2 * iterations + 1) * args.batch_size)  # no epoch ends
     loader = data.Loader(dataset, args.batch_size, seed=args.seed, num_workers=args.num_workers, device=device)
     autoencoder = vae.load_vae(args.vae, device).requires_grad_(False) if args.vae else None
 
@@ -314,21 +314,21 @@ def authors_train_step(nets, args, x_d, y_d, x_g, y_g, ot_scale, autocast):
 # Measurements
 
 
-def measure_iterations(train_step, next_batches, bench, device):
+def measure_iterations(train_step, next_batches, options, device):
     """-> iteration ms (median), peak memory MiB. Runs --warmup untimed iterations, then --steps timed ones."""
     def iteration():
         train_step(*next_batches())
 
-    for _ in range(bench.warmup):
+    for _ in range(options.warmup):
         iteration()
     synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    iter_ms = median_ms(iteration, bench.steps, device)
+    iter_ms = median_ms(iteration, options.steps, device)
     return iter_ms, peak_memory_mb(device)
 
 
-def measure_ours(args, bench, generator_kwargs, discriminator_kwargs, next_batches, ot_scale, autocast, device):
+def measure_ours(args, options, generator_kwargs, discriminator_kwargs, next_batches, ot_scale, autocast, device):
     nets = train.build_nets(args, generator_kwargs, discriminator_kwargs, device, distributed=False)
     # FLOPs of one iteration, on the uncompiled modules (the counter cannot see inside compiled kernels).
     plain = dataclasses.replace(nets, G_train=nets.G, G_frozen=nets.G, D_train=nets.D, D_frozen=nets.D)
@@ -339,7 +339,7 @@ def measure_ours(args, bench, generator_kwargs, discriminator_kwargs, next_batch
         forward_flops = count_flops(lambda: nets.G(x, y, *losses.sample_times(len(x), args.nfe, device)))
 
     iter_ms, peak_mem_mb = measure_iterations(
-        lambda *batches: train.train_step(nets, args, *batches, ot_scale, autocast), next_batches, bench, device)
+        lambda *batches: train.train_step(nets, args, *batches, ot_scale, autocast), next_batches, options, device)
 
     sample_nfe = 8 if args.nfe == "any" else args.nfe  # as train.py's sample grids
     noise = torch.randn_like(x)
@@ -349,21 +349,21 @@ def measure_ours(args, bench, generator_kwargs, discriminator_kwargs, next_batch
             sample(nets.ema, noise, y, nfe=sample_nfe, pred=args.pred)
 
     sample_batch()
-    sample_ms = median_ms(sample_batch, bench.steps, device)
+    sample_ms = median_ms(sample_batch, options.steps, device)
     return dict(iter_ms=iter_ms, flops=flops, forward_flops=forward_flops, peak_mem_mb=peak_mem_mb,
                 sample_ms=sample_ms, sample_nfe=sample_nfe)
 
 
-def measure_authors(args, bench, generator_kwargs, discriminator_kwargs, next_batches, ot_scale, autocast, device):
+def measure_authors(args, options, generator_kwargs, discriminator_kwargs, next_batches, ot_scale, autocast, device):
     nets = build_authors_nets(args, generator_kwargs, discriminator_kwargs, device)
     batches = next_batches()
     flops = count_flops(lambda: authors_train_step(nets, args, *batches, ot_scale, autocast))
     iter_ms, _ = measure_iterations(
-        lambda *batches: authors_train_step(nets, args, *batches, ot_scale, autocast), next_batches, bench, device)
+        lambda *batches: authors_train_step(nets, args, *batches, ot_scale, autocast), next_batches, options, device)
     return dict(iter_ms=iter_ms, flops=flops)
 
 
-def run(bench, args):
+def run(options, args):
     _, _, device = train.setup_distributed(args.device)
     train.validate(args, world_size=1)
     torch.manual_seed(args.seed)
@@ -371,25 +371,27 @@ def run(bench, args):
     autocast = train.set_precision(args.precision, device)
 
     input_size = args.image_size // 8 if args.vae else args.image_size
-    generator_kwargs, discriminator_kwargs = train.network_kwargs(args, bench.in_channels, input_size,
-                                                                  bench.num_classes)
+    generator_kwargs, discriminator_kwargs = train.network_kwargs(args, options.in_channels, input_size,
+                                                                  options.num_classes)
     ot_scale = train.ot_scale_at(0, args.ot_start, args.ot_end, args.ot_decay_steps)
-    measure_args = (args, bench, generator_kwargs, discriminator_kwargs)
+    measure_args = (args, options, generator_kwargs, discriminator_kwargs)
     with tempfile.TemporaryDirectory(prefix="afm-bench-") as root:
-        if bench.data_loader:
-            runs = (2 if bench.baseline else 1) * (1 + bench.warmup + bench.steps)
-            next_batches = loader_batches(root, bench, args, runs, device)
+        if options.data_loader:
+            runs = (2 if options.baseline else 1) * (1 + options.warmup + options.steps)
+            next_batches = loader_batches(root, options, args, runs, device)
         else:
-            next_batches = synthetic_batches(args, (bench.in_channels, input_size, input_size), bench.num_classes,
-                                             device)
+            shape = (options.in_channels, input_size, input_size)
+            next_batches = synthetic_batches(args, shape, options.num_classes, device)
         ours = measure_ours(*measure_args, next_batches, ot_scale, autocast, device)
-        authors = measure_authors(*measure_args, next_batches, ot_scale, autocast, device) if bench.baseline else None
+        authors = None
+        if options.baseline:
+            authors = measure_authors(*measure_args, next_batches, ot_scale, autocast, device)
 
     gflops = ours["flops"] / 1e9 / (ours["iter_ms"] / 1e3)
     result = dict(
         iter_ms=ours["iter_ms"], img_per_s=args.batch_size / (ours["iter_ms"] / 1e3),
-        gflop_per_iter=ours["flops"] / 1e9, flop_units=ours["flops"] / ours["forward_flops"], gflops=gflops, tflops=gflops / 1e3,
-        **peaks, mm_fraction=gflops / peaks["mm_fp32_gflops"])
+        gflop_per_iter=ours["flops"] / 1e9, flop_units=ours["flops"] / ours["forward_flops"],
+        gflops=gflops, tflops=gflops / 1e3, **peaks, mm_fraction=gflops / peaks["mm_fp32_gflops"])
     if device.type == "cuda":
         result["mfu"] = result["tflops"] / peaks[f"mm_{args.precision}_tflops"]
     result.update(peak_mem_mb=ours["peak_mem_mb"], sample_ms=ours["sample_ms"], sample_nfe=ours["sample_nfe"])
@@ -399,19 +401,19 @@ def run(bench, args):
                       baseline_gflop_per_iter=authors["flops"] / 1e9,
                       baseline_flop_units=authors["flops"] / ours["forward_flops"],
                       ratio=ours["iter_ms"] / authors["iter_ms"])
-    result.update(model=args.model, image_size=args.image_size, in_channels=bench.in_channels,
-                  num_classes=bench.num_classes, batch_size=args.batch_size, precision=args.precision,
-                  compile=args.compile, nfe=args.nfe, repeat=args.repeat, data_loader=bench.data_loader,
-                  steps=bench.steps, warmup=bench.warmup, device=str(device), torch=torch.__version__,
+    result.update(model=args.model, image_size=args.image_size, in_channels=options.in_channels,
+                  num_classes=options.num_classes, batch_size=args.batch_size, precision=args.precision,
+                  compile=args.compile, nfe=args.nfe, repeat=args.repeat, data_loader=options.data_loader,
+                  steps=options.steps, warmup=options.warmup, device=str(device), torch=torch.__version__,
                   threads=torch.get_num_threads(),
                   load_avg=os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
     return result
 
 
 def main(argv=None):
-    bench, args = parse_args(argv)
+    options, args = parse_args(argv)
     try:
-        result = run(bench, args)
+        result = run(options, args)
     except (data.DataError, vae.VAEError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

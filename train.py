@@ -51,14 +51,15 @@ from sample import LATENT_SCALE, sample, sample_images
 
 PRESETS = {
     # The laptop default: a tiny DiT on 32x32 CIFAR-10 pixels, tuned so samples visibly improve within an hour of CPU.
+    # CIFAR-10 sits in memory, so reading it needs no worker processes.
     "cifar10": dict(model="T/2", image_size=32, batch_size=64, lr=2e-4, max_steps=20_000, ema_decay=0.999,
-                    ot_decay_steps=20_000, ckpt_every=1000, sample_every=1000, log_every=50),
+                    ot_decay_steps=20_000, ckpt_every=1000, sample_every=1000, log_every=50, num_workers=0),
     "folder": dict(model="T/2", image_size=32, batch_size=64, lr=2e-4, max_steps=20_000, ema_decay=0.999,
-                   ot_decay_steps=20_000, ckpt_every=1000, sample_every=1000, log_every=50),
+                   ot_decay_steps=20_000, ckpt_every=1000, sample_every=1000, log_every=50, num_workers=4),
     # The paper (Table 10/11, phase 1): XL/2 on SD-VAE latents, batch 256, lr 1e-4, EMA 0.9999, lambda_ot decayed
     # over 100 epochs = 1M alternating iterations = 500k of our D+G steps.
     "imagenet": dict(model="XL/2", image_size=256, batch_size=256, lr=1e-4, max_steps=1_000_000, ema_decay=0.9999,
-                     ot_decay_steps=500_000, ckpt_every=5000, sample_every=5000, log_every=100),
+                     ot_decay_steps=500_000, ckpt_every=5000, sample_every=5000, log_every=100, num_workers=8),
 }
 
 
@@ -122,14 +123,15 @@ def parse_args(argv=None):
     p.add_argument("--cp-scale", type=float, default=0.01, help="lambda_cp of the logit-centering penalty")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--out-dir", default="out")
-    p.add_argument("--resume", action="store_true", help="continue from --out-dir/ckpt.pt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from --out-dir/ckpt.pt (classifier.pt with --train-classifier)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available)")
     p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="tf32",
                    help="CUDA matmul precision; bf16 is autocast and opt-in (the paper trains in TF32). "
                         "CPU always runs fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile G and D")
-    p.add_argument("--num-workers", type=int, default=2, help="data-loading worker processes per rank")
+    p.add_argument("--num-workers", type=int, default=None, help="data-loading worker processes per rank")
     p.add_argument("--ckpt-every", type=int, default=None)
     p.add_argument("--keep", type=int, default=0, help="also keep the last N step-stamped checkpoints")
     p.add_argument("--sample-every", type=int, default=None, help="write an EMA sample grid every N steps")

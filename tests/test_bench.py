@@ -20,7 +20,8 @@ import train
 pytestmark = pytest.mark.usefixtures("one_thread")  # in-process tests; the command lines get OMP_NUM_THREADS=1
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--model", "T/4", "--image-size", "16", "--batch-size", "4", "--steps", "2", "--warmup", "1", "--device", "cpu"]
+TINY = ["--model", "T/4", "--image-size", "16", "--batch-size", "4", "--steps", "2", "--warmup", "1",
+        "--device", "cpu"]
 RUNS = {
     "plain": [],
     "baseline": ["--baseline"],
