@@ -58,10 +58,12 @@ from PIL import Image
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
+import checkpoint
 import data
 import losses
 import train
 import vae
+from augment import PairedAugment
 from gradnorm import GradientNormalization
 from model import Discriminator, Generator
 from sample import sample
@@ -82,6 +84,9 @@ def parse_args(argv=None):
                    help="pull batches from data.Loader over files in a temporary directory, as train.py does")
     options, train_argv = p.parse_known_args(argv)
     args = train.parse_args(train_argv)
+    if options.data_loader and not any(a.split("=")[0] == "--num-workers" for a in train_argv):
+        # The workers train.py gives the source simulated here (the default --data cifar10 has none: in memory).
+        args.num_workers = train.PRESETS["folder" if options.in_channels == 3 else "imagenet"]["num_workers"]
     if options.steps < 1 or options.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
     if args.vae and not (options.data_loader and options.in_channels == 4):
@@ -205,7 +210,7 @@ def loader_batches(root, options, args, iterations, device):
     """Batches pulled from data.Loader and, with --vae, encoded to latents, as train.py's next_batch does."""
     dataset = write_dataset(root, options, args, count=(2 * iterations + 1) * args.batch_size)  # no epoch ends
     loader = data.Loader(dataset, args.batch_size, seed=args.seed, num_workers=args.num_workers, device=device)
-    autoencoder = vae.load_vae(args.vae, device).requires_grad_(False) if args.vae else None
+    autoencoder = vae.load_vae(args.vae, device) if args.vae else None
 
     def next_batch():
         x, y = next(loader)
@@ -249,12 +254,12 @@ def build_authors_nets(args, generator_kwargs, discriminator_kwargs, device):
     ema = copy.deepcopy(G)
     adamw = dict(betas=(0.0, 0.9), eps=1e-8, weight_decay=args.weight_decay)
     return AuthorsNets(G, D, ema, GradientNormalization().to(device),
-                       torch.optim.AdamW(G.parameters(), lr=args.lr / args.repeat, **adamw),
+                       torch.optim.AdamW(G.parameters(), lr=args.g_lr, **adamw),
                        torch.optim.AdamW(D.parameters(), lr=args.lr, **adamw),
                        d_params=[p for p in D.parameters() if p.requires_grad])
 
 
-def authors_d_update(nets, args, x, y, autocast):
+def authors_d_update(nets, args, x, y, autocast, augment=None):
     """The authors' D update: D's parameters set to require grad, G under no grad, one D forward on real, fake
     and the perturbed subsets, backward, clipping, AdamW, zero_grad of both optimizers. Returns the loss."""
     for p in nets.d_params:
@@ -263,6 +268,8 @@ def authors_d_update(nets, args, x, y, autocast):
         x_src, real, s, t, w = losses.make_pairs(x, args.nfe)
         with torch.no_grad():
             fake = losses.predict(nets.G, x_src, y, s, t, args.pred)
+        if augment is not None:
+            real, fake = augment(real, fake)
         B, k = x.shape[0], max(1, round(args.gp_ratio * x.shape[0]))
         real_gp = real[:k] + args.gp_eps * torch.randn_like(real[:k])
         fake_gp = fake[:k] + args.gp_eps * torch.randn_like(fake[:k])
@@ -281,18 +288,22 @@ def authors_d_update(nets, args, x, y, autocast):
     return loss.item()
 
 
-def authors_g_update(nets, args, x, y, ot_scale, autocast):
-    """The authors' G update: D's parameters frozen, D(real) and D(gradnorm(fake)) as two calls, plus the OT
-    loss; backward, clipping, AdamW, zero_grad of both optimizers, the EMA loop. Returns the loss."""
+def authors_g_update(nets, args, x, y, ot_scale, autocast, augment=None, guidance=None):
+    """The authors' G update: D's parameters frozen, D(real) and D(gradnorm(fake)) as two calls (after the
+    paired augmentation, if any), the OT loss and the guidance term on the un-augmented fake; backward, clipping,
+    AdamW, zero_grad of both optimizers, the EMA loop. Returns the loss."""
     with autocast():
         x_src, real, s, t, w = losses.make_pairs(x, args.nfe)
         fake = losses.predict(nets.G, x_src, y, s, t, args.pred)
         for p in nets.d_params:
             p.requires_grad_(False)
-        logits_real = nets.D(real, y, t).float()
-        logits_fake = nets.D(nets.gradnorm(fake), y, t).float()
+        real_aug, fake_aug = augment(real, fake) if augment is not None else (real, fake)
+        logits_real = nets.D(real_aug, y, t).float()
+        logits_fake = nets.D(nets.gradnorm(fake_aug), y, t).float()
         loss = (losses.relativistic_loss(logits_fake, logits_real)
                 + ot_scale * losses.ot_loss(fake.float(), x_src.float(), w))
+        if guidance is not None:
+            loss = loss + guidance(fake, y, t)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(nets.G.parameters(), args.grad_clip)
     nets.opt_g.step()
@@ -304,10 +315,10 @@ def authors_g_update(nets, args, x, y, ot_scale, autocast):
     return loss.item()
 
 
-def authors_train_step(nets, args, x_d, y_d, x_g, y_g, ot_scale, autocast):
+def authors_train_step(nets, args, x_d, y_d, x_g, y_g, ot_scale, autocast, augment=None, guidance=None):
     """The baseline iteration: the authors' D update, then their G update (their ttur 1 alternation)."""
-    return (authors_d_update(nets, args, x_d, y_d, autocast),
-            authors_g_update(nets, args, x_g, y_g, ot_scale, autocast))
+    return (authors_d_update(nets, args, x_d, y_d, autocast, augment),
+            authors_g_update(nets, args, x_g, y_g, ot_scale, autocast, augment, guidance))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -328,18 +339,21 @@ def measure_iterations(train_step, next_batches, options, device):
     return iter_ms, peak_memory_mb(device)
 
 
-def measure_ours(args, options, generator_kwargs, discriminator_kwargs, next_batches, ot_scale, autocast, device):
+def measure_ours(args, options, generator_kwargs, discriminator_kwargs, next_batches, step_args, device):
+    """train.py's iteration: FLOPs, time, memory; and the EMA generator's sampling time.
+    step_args: what train.py's loop passes train_step after the batches (ot_scale, autocast, augment, guidance)."""
+    autocast = step_args[1]
     nets = train.build_nets(args, generator_kwargs, discriminator_kwargs, device, distributed=False)
     # FLOPs of one iteration, on the uncompiled modules (the counter cannot see inside compiled kernels).
     plain = dataclasses.replace(nets, G_train=nets.G, G_frozen=nets.G, D_train=nets.D, D_frozen=nets.D)
     batches = next_batches()
-    flops = count_flops(lambda: train.train_step(plain, args, *batches, ot_scale, autocast))
+    flops = count_flops(lambda: train.train_step(plain, args, *batches, *step_args))
     x, y = batches[2], batches[3]
     with torch.no_grad(), autocast():
         forward_flops = count_flops(lambda: nets.G(x, y, *losses.sample_times(len(x), args.nfe, device)))
 
     iter_ms, peak_mem_mb = measure_iterations(
-        lambda *batches: train.train_step(nets, args, *batches, ot_scale, autocast), next_batches, options, device)
+        lambda *batches: train.train_step(nets, args, *batches, *step_args), next_batches, options, device)
 
     sample_nfe = 8 if args.nfe == "any" else args.nfe  # as train.py's sample grids
     noise = torch.randn_like(x)
@@ -354,12 +368,13 @@ def measure_ours(args, options, generator_kwargs, discriminator_kwargs, next_bat
                 sample_ms=sample_ms, sample_nfe=sample_nfe)
 
 
-def measure_authors(args, options, generator_kwargs, discriminator_kwargs, next_batches, ot_scale, autocast, device):
+def measure_authors(args, options, generator_kwargs, discriminator_kwargs, next_batches, step_args, device):
+    """The baseline's iteration: FLOPs and time, measured as measure_ours does."""
     nets = build_authors_nets(args, generator_kwargs, discriminator_kwargs, device)
     batches = next_batches()
-    flops = count_flops(lambda: authors_train_step(nets, args, *batches, ot_scale, autocast))
+    flops = count_flops(lambda: authors_train_step(nets, args, *batches, *step_args))
     iter_ms, _ = measure_iterations(
-        lambda *batches: authors_train_step(nets, args, *batches, ot_scale, autocast), next_batches, options, device)
+        lambda *batches: authors_train_step(nets, args, *batches, *step_args), next_batches, options, device)
     return dict(iter_ms=iter_ms, flops=flops)
 
 
@@ -373,7 +388,10 @@ def run(options, args):
     input_size = args.image_size // 8 if args.vae else args.image_size
     generator_kwargs, discriminator_kwargs = train.network_kwargs(args, options.in_channels, input_size,
                                                                   options.num_classes)
-    ot_scale = train.ot_scale_at(0, args.ot_start, args.ot_end, args.ot_decay_steps)
+    # What train.py's loop passes train_step after the batches (lambda_ot at step 0: the value does not matter).
+    augment = PairedAugment(p=args.augment_p) if args.augment_p > 0 else None
+    step_args = (train.ot_scale_at(0, args.ot_start, args.ot_end, args.ot_decay_steps), autocast, augment,
+                 train.make_guidance(args, device))
     measure_args = (args, options, generator_kwargs, discriminator_kwargs)
     with tempfile.TemporaryDirectory(prefix="afm-bench-") as root:
         if options.data_loader:
@@ -382,10 +400,10 @@ def run(options, args):
         else:
             shape = (options.in_channels, input_size, input_size)
             next_batches = synthetic_batches(args, shape, options.num_classes, device)
-        ours = measure_ours(*measure_args, next_batches, ot_scale, autocast, device)
+        ours = measure_ours(*measure_args, next_batches, step_args, device)
         authors = None
         if options.baseline:
-            authors = measure_authors(*measure_args, next_batches, ot_scale, autocast, device)
+            authors = measure_authors(*measure_args, next_batches, step_args, device)
 
     gflops = ours["flops"] / 1e9 / (ours["iter_ms"] / 1e3)
     result = dict(
@@ -414,7 +432,7 @@ def main(argv=None):
     options, args = parse_args(argv)
     try:
         result = run(options, args)
-    except (data.DataError, vae.VAEError) as e:
+    except (data.DataError, checkpoint.CheckpointError, vae.VAEError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(json.dumps(result))

@@ -55,14 +55,14 @@ class Fourier(nn.Module):
         if scale > 0:
             self.register_buffer("freq", torch.randn(dim // 2) * scale)
         else:
-            self.register_buffer("freq", 100 * torch.exp(-math.log(10000) * torch.arange(dim // 2) / (dim // 2)))
+            self.register_buffer("freq", (-scale or 100) * torch.exp(-math.log(10000) * torch.arange(dim // 2) / (dim // 2)))
 
     def forward(self, x):
         a = x * self.freq
         return torch.cat([x, a.sin(), a.cos()], -1)
 
 
-def mlp(width, depth, fourier=0, scale=1.0):
+def mlp(width, depth, fourier=0, scale=1.0, in_scale=1.0):
     layers = []
     d_in = 1
     if fourier:
@@ -72,19 +72,22 @@ def mlp(width, depth, fourier=0, scale=1.0):
         layers += [nn.Linear(d_in, width), nn.SiLU()]
         d_in = width
     layers.append(nn.Linear(d_in, 1))
+    if in_scale != 1.0:
+        with torch.no_grad():
+            layers[0].weight.mul_(in_scale)
     return nn.Sequential(*layers)
 
 
 def train(steps=2000, ot_scale=0.05, ot_end=None, seed=0, batch_size=256, lr=1e-3, gp_scale=0.01, cp_scale=0.01,
-          gp_eps=0.01, width=128, depth=3, d_fourier=0, d_scale=1.0, g_fourier=0, g_scale=0.0, ema_decay=0.99, g_width=None, progress=False, lr_decay=False, log_every=0):
+          gp_eps=0.01, width=128, depth=3, d_fourier=0, d_scale=1.0, g_fourier=0, g_scale=0.0, ema_decay=0.99, g_width=None, g_in_scale=1.0, g_lr=None, progress=False, lr_decay=False, log_every=0):
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    G = mlp(g_width or width, depth, g_fourier, g_scale)
+    G = mlp(g_width or width, depth, g_fourier, g_scale, g_in_scale)
     D = mlp(width, depth, d_fourier, d_scale)
     G_ema = mlp(g_width or width, depth, g_fourier, g_scale)
     G_ema.load_state_dict(G.state_dict())
     G_ema.requires_grad_(False)
-    opt_g = torch.optim.Adam(G.parameters(), lr=lr, betas=(0.0, 0.9))
+    opt_g = torch.optim.Adam(G.parameters(), lr=g_lr or lr, betas=(0.0, 0.9))
     opt_d = torch.optim.Adam(D.parameters(), lr=lr, betas=(0.0, 0.9))
     phi = GradientNormalization()
     ot_end = ot_scale if ot_end is None else ot_end

@@ -25,7 +25,7 @@ TINY = ["--model", "T/4", "--image-size", "16", "--batch-size", "4", "--steps", 
 RUNS = {
     "plain": [],
     "baseline": ["--baseline"],
-    "nfe2_latents": ["--nfe", "2", "--data-loader", "--in-channels", "4", "--image-size", "8"],
+    "nfe2_latents": ["--nfe", "2", "--data-loader", "--in-channels", "4", "--image-size", "8", "--num-workers", "1"],
     "pngs": ["--data-loader", "--num-workers", "1"],
 }
 REQUIRED = ["iter_ms", "img_per_s", "gflop_per_iter", "flop_units", "gflops", "tflops", "mm_fp32_gflops",
