@@ -264,7 +264,7 @@ def build_nets(args, generator_kwargs, discriminator_kwargs, device, distributed
     ema = Generator(**generator_kwargs).to(device).requires_grad_(False).eval()
     ema.load_state_dict(G.state_dict())
     gradnorm = GradientNormalization().to(device)
-    fused = device.type == "cuda"
+    fused = device.type in ("cuda", "cpu")  # one kernel for the whole update (CPU since torch 2.4)
     d_params = [p for p in D.parameters() if p.requires_grad]
     g_params = [p for p in G.parameters() if p.requires_grad]
     opt_g = torch.optim.AdamW(g_params, lr=args.g_lr, betas=(0.0, 0.9), eps=1e-8, weight_decay=args.weight_decay,

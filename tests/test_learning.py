@@ -47,7 +47,9 @@ def test_training_brings_class_statistics_to_the_data(tmp_path):
 
     error_before, error_after = class_mean_error(initial, class_means), class_mean_error(trained, class_means)
     # Before: flat mid-grey, so the error is the mean square of the class means (0.64 for these discs). Measured
-    # after 100-200 steps: 0.04-0.05, the dark background and the discs in place. A 5x reduction cannot come from
-    # matching the background level alone (a flat image at the background level still scores about 0.1).
+    # after 100-200 steps: 0.04-0.05. Most of that gain is the dark background (a flat image at the background
+    # level scores 0.043); the class-specific discs take longer (about 0.03 after 600 steps at lr 1e-3, below the
+    # 0.036 of a class-blind generator). So this asserts that training moves G from its zero output to the data's
+    # statistics, fast and without diverging: a 5x reduction.
     assert error_before > 0.5
     assert np.isfinite(error_after) and error_after < error_before / 5, (error_before, error_after)

@@ -222,7 +222,7 @@ class Recorder(nn.Module):
     def forward(self, *args):
         out = self.net(*args)
         self.calls.append(dict(args=[a.detach().clone() if torch.is_tensor(a) else a for a in args],
-                               out=out.detach().clone()))
+                               out=out.detach().clone(), grad_enabled=torch.is_grad_enabled()))
         return out
 
 
@@ -344,12 +344,13 @@ def test_generator_objective(setup, B):
     torch.manual_seed(1)
     loss, metrics = losses.generator_objective(G, D, gn, x, y, nfe=nfe, pred=pred, ot_scale=0.3)
 
-    assert len(G.calls) == 1 and len(D.calls) == 1
+    # D twice: on real under no_grad (no backward through D for it), then on the normalized fake.
+    assert len(G.calls) == 1 and len(D.calls) == 2
+    assert not D.calls[0]["grad_enabled"] and D.calls[1]["grad_enabled"]
     x_src, _, s, t = G.calls[0]["args"]
-    d_in, y_d, t_d = D.calls[0]["args"]
-    assert d_in.shape == (2 * B, *x.shape[1:])
-    assert torch.equal(y_d, torch.cat([y, y])) and torch.equal(t_d, torch.cat([t, t]))
-    real, fake = d_in.split([B, B])
+    (real, y_r, t_r), (fake, y_f, t_f) = D.calls[0]["args"], D.calls[1]["args"]
+    assert real.shape == fake.shape == (B, *x.shape[1:])
+    assert all(torch.equal(a, b) for a, b in [(y_r, y), (y_f, y), (t_r, t), (t_f, t)])
     fake_hand = reconstruct_fake(G.calls[0], pred)
     assert torch.allclose(fake, fake_hand, atol=1e-6)
     if nfe == 1:
@@ -359,7 +360,7 @@ def test_generator_objective(setup, B):
         assert torch.allclose(t, s - 1 / nfe)
 
     w = torch.clamp((s - t).abs(), min=1e-3)
-    lr, lf = D.calls[0]["out"].split([B, B])
+    lr, lf = D.calls[0]["out"], D.calls[1]["out"]
     adv = F.softplus(lr - lf).mean()  # f(fake, real)
     ot = (((fake_hand - x_src) ** 2).flatten(1).mean(1) / w).mean()
     assert torch.allclose(metrics["g_adv"], adv, rtol=1e-5, atol=1e-7)
@@ -432,7 +433,7 @@ def test_augment_goes_to_d_only():
     D.requires_grad_(False)
     torch.manual_seed(1)
     _, metrics = losses.generator_objective(G, D, GradientNormalization(), x, y, nfe=nfe, pred=pred, augment=augment)
-    real, fake = D.calls[1]["args"][0].split([4, 4])
+    real, fake = D.calls[1]["args"][0], D.calls[2]["args"][0]
     x_src, out = G.calls[1]["args"][0], G.calls[1]["out"]
     assert torch.allclose(real, 2 * x + 1)
     assert torch.allclose(fake, 2 * out + 1, atol=1e-6)
