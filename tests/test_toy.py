@@ -1,0 +1,178 @@
+"""toy.py: the exact W2-optimal map of the 1-D demonstration, the two measures, a short training run, the CLI."""
+
+import math
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import toy
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A short run that still learns: the EMA map of toy.train(TEST_STEPS) sits at rms ~0.1 from T (the default 6,000
+# steps reach ~0.05-0.08).
+TEST_STEPS = 1500
+
+
+@pytest.fixture
+def one_thread():
+    """toy.main trains on one thread; so do the tests (faster for these tiny nets, and repeatable)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def phi_scalar(x):
+    return 0.5 * math.erfc(-x / math.sqrt(2))
+
+
+def mixture_cdf_scalar(x):
+    """An independent, scalar F_data written with math.erfc."""
+    return sum(phi_scalar((x - mu) / 0.05) for mu in (-1.5, -0.5, 0.5, 1.5)) / 4
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The data distribution and the exact map
+
+
+def test_mixture_cdf_and_density():
+    x = torch.linspace(-2.5, 2.5, 501, dtype=torch.float64)
+    expected = torch.tensor([mixture_cdf_scalar(v) for v in x.tolist()], dtype=torch.float64)
+    assert torch.allclose(toy.mixture_cdf(x), expected, rtol=0, atol=1e-15)
+    # the density is the CDF's derivative (central differences) and integrates to 1
+    h = 1e-5
+    derivative = (toy.mixture_cdf(x + h) - toy.mixture_cdf(x - h)) / (2 * h)
+    assert torch.allclose(toy.mixture_density(x), derivative, rtol=1e-6, atol=1e-6)
+    fine = torch.linspace(-3, 3, 60001, dtype=torch.float64)
+    assert torch.trapezoid(toy.mixture_density(fine), fine).item() == pytest.approx(1.0, abs=1e-9)
+
+
+def test_sample_data_matches_the_mixture():
+    x = toy.sample_data(200_000, torch.Generator().manual_seed(0)).squeeze(1).double()
+    nearest_mode = (x[:, None] - torch.tensor(toy.MODES, dtype=torch.float64)).abs().argmin(1)
+    assert torch.allclose(torch.bincount(nearest_mode) / x.numel(), torch.full((4,), 0.25, dtype=torch.float64),
+                          atol=0.005)
+    within_mode = x - torch.tensor(toy.MODES, dtype=torch.float64)[nearest_mode]
+    assert within_mode.std().item() == pytest.approx(0.05, rel=0.01)
+
+
+def test_optimal_map_pushes_the_prior_onto_the_data():
+    z = torch.linspace(-6, 6, 2401, dtype=torch.float64)
+    t = toy.optimal_map(z)
+    # F_data(T(z)) = Phi(z), checked with the independent scalar CDF: T is the quantile map
+    cdf_at_t = torch.tensor([mixture_cdf_scalar(v) for v in t.tolist()], dtype=torch.float64)
+    phi_z = torch.tensor([phi_scalar(v) for v in z.tolist()], dtype=torch.float64)
+    assert (cdf_at_t - phi_z).abs().max().item() < 1e-9
+    # monotone, odd (both distributions are symmetric), T(0) = 0
+    assert (t[1:] - t[:-1] >= 0).all()
+    assert torch.equal(toy.optimal_map(-z), -t)
+    assert toy.optimal_map(torch.tensor([0.0])).item() == 0.0
+    # the staircase: each prior quarter goes to one mode, in order
+    quarter_centres = torch.tensor([-1.1503, -0.3186, 0.3186, 1.1503], dtype=torch.float64)  # Phi^-1(1/8, ..., 7/8)
+    assert torch.allclose(toy.optimal_map(quarter_centres), torch.tensor(toy.MODES, dtype=torch.float64), atol=1e-3)
+
+
+def test_optimal_map_samples_have_the_data_quantiles():
+    z = torch.randn(200_000, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    pushed = toy.optimal_map(z).numpy()
+    data = toy.sample_data(200_000, torch.Generator().manual_seed(2)).squeeze(1).double().numpy()
+    # levels away from k/4, where the quantile function jumps across a gap between modes
+    levels = np.array([0.01, 0.05, 0.1, 0.15, 0.2, 0.3, 0.35, 0.4, 0.45, 0.55, 0.6, 0.65, 0.7, 0.8, 0.85, 0.9, 0.95,
+                       0.99])
+    # sampling error of a quantile: sqrt(q(1 - q) / n) / density ~ 0.001 / 0.5 at worst here
+    assert np.abs(np.quantile(pushed, levels) - np.quantile(data, levels)).max() < 0.01
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The measures, on maps whose values we know
+
+
+def test_measures_on_known_maps():
+    z = toy.GRID
+    t = toy.optimal_map(z)
+    assert toy.rms_to_optimal_map(z, t) == 0.0
+    assert toy.monotone_fraction(z, t) == 1.0
+    # the identity: monotone, but far from T. Its RMS, 0.38, is the scale the training test must beat clearly.
+    assert toy.rms_to_optimal_map(z, z) == pytest.approx(0.38, abs=0.01)
+    assert toy.monotone_fraction(z, z) == 1.0
+    # the mode order reversed: each pair of samples in different modes is out of order
+    reversed_map = -t
+    assert toy.rms_to_optimal_map(z, reversed_map) > 1.5
+    assert toy.monotone_fraction(z, reversed_map) == pytest.approx(0.25, abs=0.01)
+    # two neighbouring modes swapped (the quarters that T sends to -0.5 and 0.5 trade places)
+    swapped = torch.where(t.abs() < 1, -t, t)
+    assert toy.rms_to_optimal_map(z, swapped) > 0.7
+    assert toy.monotone_fraction(z, swapped) == pytest.approx(0.875, abs=0.01)
+    # right mode for every quarter but a random order inside each mode: RMS sqrt(2) sigma ~ 0.07, still monotone
+    # at the scale of the modes
+    shuffled = t + 0.05 * torch.randn(z.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert toy.rms_to_optimal_map(z, shuffled) == pytest.approx(0.05, abs=0.01)
+    assert toy.monotone_fraction(z, shuffled) == 1.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+
+
+def test_training_learns_the_optimal_map(one_thread):
+    G = toy.train(steps=TEST_STEPS, seed=0)
+    x = toy.generate(G, toy.GRID)
+    # Every pair of samples lands in modes in the same order as their z: the monotone assignment of prior quarters
+    # to modes that only the W2-optimal map has (a GAN that reverses the modes scores 0.25, one swap 0.875).
+    assert toy.monotone_fraction(toy.GRID, x) >= 0.99
+    # Tolerance 0.2: the mode spacing is 1.0 and the mode std 0.05, so a map that sends each quarter of the prior to
+    # the right mode is within ~0.07 of T even with its within-mode order scrambled (test_measures_on_known_maps),
+    # plus a little for the finite-width steps a smooth G makes at T's jumps; the identity map is at 0.38 and a
+    # map with two modes swapped beyond 0.7. This short run lands near 0.1.
+    assert toy.rms_to_optimal_map(toy.GRID, x) < 0.2
+    # and the pushed-forward prior puts a quarter of its mass near each mode
+    samples = toy.generate(G, torch.randn(100_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    nearest_mode = (samples[:, None] - torch.tensor(toy.MODES, dtype=torch.float64)).abs().argmin(1)
+    assert torch.allclose(torch.bincount(nearest_mode, minlength=4) / samples.numel(),
+                          torch.full((4,), 0.25, dtype=torch.float64), atol=0.03)
+
+
+def test_training_is_deterministic(one_thread):
+    first, second = toy.train(steps=20, seed=3), toy.train(steps=20, seed=3)
+    other_seed = toy.train(steps=20, seed=4)
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+    assert not torch.equal(toy.generate(first, toy.GRID), toy.generate(other_seed, toy.GRID))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def test_cli_writes_the_map_the_figure_and_the_measures(tmp_path):
+    out = tmp_path / "toy"
+    result = subprocess.run([sys.executable, os.path.join(REPO, "toy.py"), "--out", str(out), "--steps", "20",
+                             "--seed", "1", "--batch-size", "64"], capture_output=True, text=True, cwd=REPO,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    last_line = result.stdout.strip().splitlines()[-1]
+    match = re.fullmatch(r"rms_to_ot_map=(\d+\.\d+) monotone_fraction=(\d+\.\d+)", last_line)
+    assert match, last_line
+    rms, monotone = float(match.group(1)), float(match.group(2))
+    assert rms >= 0 and 0 <= monotone <= 1
+
+    lines = (out / "toy_map.csv").read_text().splitlines()
+    assert lines[0] == "z,x"
+    table = np.loadtxt(out / "toy_map.csv", delimiter=",", skiprows=1)
+    assert table.shape[0] >= 1000 and table.shape[1] == 2
+    assert table[0, 0] == -3 and table[-1, 0] == 3 and (np.diff(table[:, 0]) > 0).all()
+    assert np.isfinite(table[:, 1]).all()
+    # the printed RMS is the one of the written map (to the csv's 6 decimals)
+    x = torch.from_numpy(table[:, 1])
+    assert toy.rms_to_optimal_map(torch.from_numpy(table[:, 0]), x) == pytest.approx(rms, abs=2e-4)
+
+    with Image.open(out / "toy.png") as image:
+        assert image.size == (1100, 500)
+        assert image.mode == "RGB"
+        assert len(image.getcolors(maxcolors=100_000)) > 2  # something was drawn
