@@ -40,6 +40,18 @@ def save(obj, path):
         os.close(dir_fd)
 
 
+def _pickle_with_globals(path):
+    """True when the file is one well-formed pickle that imports something (a class or a function): what a
+    code-executing payload needs. Only parses the opcodes; nothing is unpickled."""
+    import pickletools
+    try:
+        with open(path, "rb") as f:
+            ops = [op.name for op, _, _ in pickletools.genops(f)]
+    except Exception:  # not a pickle at all: damaged bytes
+        return False
+    return bool({"GLOBAL", "STACK_GLOBAL", "INST", "OBJ"} & set(ops))
+
+
 def load(path):
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -49,11 +61,13 @@ def load(path):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         message = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch colours its message for terminals
-        found = re.search(r"Unsupported (?:global|operand)[^.\n]*", message)
-        reason = found.group(0).strip() if found else type(e).__name__
+        found = re.search(r"GLOBAL [\w.]+", message)  # the class or function torch's unpickler refused
+        if found is None and not _pickle_with_globals(path):
+            raise CheckpointError(f"checkpoint {path} is corrupt (not a readable PyTorch checkpoint)") from None
+        reason = found.group(0) if found else "a plain pickle that imports code"
         raise CheckpointError(f"refusing to load {path}: it is not a plain weights file and would need "
                               f"arbitrary unpickling, which can run code ({reason})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+    except Exception as e:  # untrusted bytes: any other failure to parse them means a damaged file
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__})") from None
 
 

@@ -179,21 +179,25 @@ def parse_args(argv=None):
     return args
 
 
+class ArgumentError(data.DataError):
+    """Bad flags: every rank raises the same one, rank 0 alone prints it."""
+
+
 def validate(args, world_size):
     if args.model not in MODELS:
-        raise data.DataError(f"unknown model {args.model!r}; valid models: {', '.join(MODELS)}")
+        raise ArgumentError(f"unknown model {args.model!r}; valid models: {', '.join(MODELS)}")
     if args.batch_size <= 0 or args.batch_size % world_size:
-        raise data.DataError(f"--batch-size {args.batch_size} must be positive and divisible by the number of "
+        raise ArgumentError(f"--batch-size {args.batch_size} must be positive and divisible by the number of "
                              f"processes ({world_size})")
     if args.nfe != "any" and args.nfe < 1:
-        raise data.DataError(f"--nfe must be a positive integer or 'any', got {args.nfe}")
+        raise ArgumentError(f"--nfe must be a positive integer or 'any', got {args.nfe}")
     if args.repeat < 1 or (args.repeat > 1 and args.nfe != 1):
-        raise data.DataError("--repeat needs a 1-NFE generator (--nfe 1) and must be >= 1")
+        raise ArgumentError("--repeat needs a 1-NFE generator (--nfe 1) and must be >= 1")
     if args.cg_scale > 0 and not args.classifier:
-        raise data.DataError("classifier guidance (--cg-scale > 0, or --phase 4) needs --classifier PATH; train "
+        raise ArgumentError("classifier guidance (--cg-scale > 0, or --phase 4) needs --classifier PATH; train "
                              "one with `python train.py --train-classifier`")
     if args.d_reload_on_stall and not (args.fid_every and args.fid_ref):
-        raise data.DataError("--d-reload-on-stall (phases 3 and 4) watches the in-loop FID: pass --fid-every N "
+        raise ArgumentError("--d-reload-on-stall (phases 3 and 4) watches the in-loop FID: pass --fid-every N "
                              "and --fid-ref STATS.npz, or --d-reload-on-stall 0")
 
 
@@ -554,6 +558,9 @@ def train(args):
     main_process = rank == 0
     if main_process:
         check_out_dir(args.out_dir)
+        for name in os.listdir(args.out_dir):  # left by a process killed while writing; never a checkpoint
+            if name.startswith(".") and ".pt.tmp" in name:
+                os.remove(os.path.join(args.out_dir, name))
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     resume_state = checkpoint.load(ckpt_path) if args.resume else None
     autocast = set_precision(args.precision, device)
@@ -644,67 +651,70 @@ def train(args):
         if main_process and save_checkpoint(state, nets, args.out_dir, args.keep):
             last_saved_step = step
 
-    while step < args.max_steps:
-        x_d, y_d = next_batch()
-        x_g, y_g = next_batch()
-        ot_scale = ot_scale_at(step, args.ot_start, args.ot_end, args.ot_decay_steps)
-        metrics, ok = train_step(nets, args, x_d, y_d, x_g, y_g, ot_scale, autocast, augment, guidance)
-        step += 1
-        bad_steps = 0 if ok else bad_steps + 1
-        if bad_steps >= args.max_bad_steps:
-            where = (f"the last good checkpoint is {ckpt_path} (step {last_saved_step})" if last_saved_step
-                     is not None else "no checkpoint was written")
-            raise Diverged(f"the loss became non-finite: {bad_steps} consecutive steps up to step {step} were "
-                           f"skipped; {where}. Lower --lr or resume from the checkpoint")
-        pending.append(metrics)
+    try:
+        while step < args.max_steps:
+            x_d, y_d = next_batch()
+            x_g, y_g = next_batch()
+            ot_scale = ot_scale_at(step, args.ot_start, args.ot_end, args.ot_decay_steps)
+            metrics, ok = train_step(nets, args, x_d, y_d, x_g, y_g, ot_scale, autocast, augment, guidance)
+            step += 1
+            bad_steps = 0 if ok else bad_steps + 1
+            if bad_steps >= args.max_bad_steps:
+                where = (f"the last good checkpoint is {ckpt_path} (step {last_saved_step})" if last_saved_step
+                         is not None else "no checkpoint was written")
+                raise Diverged(f"the loss became non-finite: {bad_steps} consecutive steps up to step {step} were "
+                               f"skipped; {where}. Lower --lr or resume from the checkpoint")
+            pending.append(metrics)
 
-        if step % args.log_every == 0 or step == args.max_steps:
-            # One host sync per log interval: average the queued 0-d tensors.
-            names = list(pending[0])
-            values = torch.stack([torch.stack([m[n].float() for n in names]) for m in pending]).mean(0).tolist()
-            elapsed = time.time() - tic
-            record = dict(step=step, **dict(zip(names, values)), ot_scale=ot_scale,
-                          lr_g=nets.opt_g.param_groups[0]["lr"], lr_d=nets.opt_d.param_groups[0]["lr"],
-                          img_per_s=(step - tic_step) * args.batch_size / max(elapsed, 1e-9))
-            pending, tic, tic_step = [], time.time(), step
-            log(record)
-            progress.set_postfix(d=f"{record['d_loss']:.3f}", g=f"{record['g_adv']:.3f}",
-                                 ot=f"{record['g_ot']:.3f}", img_s=f"{record['img_per_s']:.0f}")
-        if main_process and (step % args.sample_every == 0 or step == args.max_steps):
-            with torch.no_grad():
-                images = decode(sample(nets.ema, grid_noise, grid_labels, nfe=8 if args.nfe == "any" else args.nfe,
-                                       pred=args.pred))
-            if images is not None:
-                save_grid(images, os.path.join(args.out_dir, f"samples_{step:08d}.png"), nrow=8)
-        if args.ema_reload_every and step % args.ema_reload_every == 0:
-            nets.G.load_state_dict(nets.ema.state_dict())  # the weight average is the better equilibrium
-            log(dict(step=step, event="EMA reloaded into G"))
-        if args.fid_every and (step % args.fid_every == 0 or step == args.max_steps):
-            fid_value = in_loop_fid(nets.ema, args, inception, reference, decode, device, rank, world_size)
-            log(dict(step=step, fid=fid_value, fid_samples=args.fid_samples))
-            if best_fid is None or fid_value < best_fid:
-                best_fid, evals_since_best = fid_value, 0
-                if args.d_reload_on_stall:
-                    best_d = {k: v.detach().cpu().clone() for k, v in nets.D.state_dict().items()}
-                state = state_now()
-                if main_process:
-                    checkpoint.save(state, os.path.join(args.out_dir, "best.pt"))
-            else:
-                evals_since_best += 1
-                if args.d_reload_on_stall and evals_since_best >= args.d_reload_on_stall:
-                    nets.D.load_state_dict(best_d)
-                    evals_since_best = 0
-                    log(dict(step=step, event=f"FID stalled for {args.d_reload_on_stall} evaluations: D reloaded "
-                                              f"from the best-FID point (FID {best_fid:.3f})"))
-        stopping = stop.agreed(device, world_size)
-        if step % args.ckpt_every == 0 or step == args.max_steps or stopping:
-            save()
-        progress.update(1)
-        if stopping:
-            break
-    progress.close()
-    if log_file:
-        log_file.close()
+            if step % args.log_every == 0 or step == args.max_steps:
+                # One host sync per log interval: average the queued 0-d tensors.
+                names = list(pending[0])
+                values = torch.stack([torch.stack([m[n].float() for n in names]) for m in pending]).mean(0).tolist()
+                elapsed = time.time() - tic
+                record = dict(step=step, **dict(zip(names, values)), ot_scale=ot_scale,
+                              lr_g=nets.opt_g.param_groups[0]["lr"], lr_d=nets.opt_d.param_groups[0]["lr"],
+                              img_per_s=(step - tic_step) * args.batch_size / max(elapsed, 1e-9))
+                pending, tic, tic_step = [], time.time(), step
+                log(record)
+                progress.set_postfix(d=f"{record['d_loss']:.3f}", g=f"{record['g_adv']:.3f}",
+                                     ot=f"{record['g_ot']:.3f}", img_s=f"{record['img_per_s']:.0f}")
+            if main_process and (step % args.sample_every == 0 or step == args.max_steps):
+                with torch.no_grad():
+                    images = decode(sample(nets.ema, grid_noise, grid_labels, nfe=8 if args.nfe == "any" else args.nfe,
+                                           pred=args.pred))
+                if images is not None:
+                    save_grid(images, os.path.join(args.out_dir, f"samples_{step:08d}.png"), nrow=8)
+            if args.ema_reload_every and step % args.ema_reload_every == 0:
+                nets.G.load_state_dict(nets.ema.state_dict())  # the weight average is the better equilibrium
+                log(dict(step=step, event="EMA reloaded into G"))
+            if args.fid_every and (step % args.fid_every == 0 or step == args.max_steps):
+                fid_value = in_loop_fid(nets.ema, args, inception, reference, decode, device, rank, world_size)
+                log(dict(step=step, fid=fid_value, fid_samples=args.fid_samples))
+                if best_fid is None or fid_value < best_fid:
+                    best_fid, evals_since_best = fid_value, 0
+                    if args.d_reload_on_stall:
+                        best_d = {k: v.detach().cpu().clone() for k, v in nets.D.state_dict().items()}
+                    state = state_now()
+                    if main_process:
+                        checkpoint.save(state, os.path.join(args.out_dir, "best.pt"))
+                else:
+                    evals_since_best += 1
+                    if args.d_reload_on_stall and evals_since_best >= args.d_reload_on_stall:
+                        nets.D.load_state_dict(best_d)
+                        evals_since_best = 0
+                        log(dict(step=step, event=f"FID stalled for {args.d_reload_on_stall} evaluations: D reloaded "
+                                                  f"from the best-FID point (FID {best_fid:.3f})"))
+            stopping = stop.agreed(device, world_size)
+            # never over the last good checkpoint while steps are being skipped
+            if (step % args.ckpt_every == 0 or step == args.max_steps or stopping) and bad_steps == 0:
+                save()
+            progress.update(1)
+            if stopping:
+                break
+    finally:
+        progress.close()
+        if log_file:
+            log_file.close()
     if world_size > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -731,7 +741,8 @@ def main(argv=None):
     except (data.DataError, checkpoint.CheckpointError, vae.VAEError, fid.FidError) as e:
         if args.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        if not (isinstance(e, ArgumentError) and os.environ.get("RANK", "0") != "0"):
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
 

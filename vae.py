@@ -310,7 +310,9 @@ def load_vae(path, device="cpu"):
         try:
             state_dict = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise VAEError(f"{path}: cannot read it as a torch state dict ({e})") from None
+            reason = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line),
+                          str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+            raise VAEError(f"{path}: cannot read it as a torch state dict ({reason})") from None
     if not isinstance(state_dict, dict):
         raise VAEError(f"{path}: expected a state dict, found a {type(state_dict).__name__}")
     vae = AutoencoderKL()
