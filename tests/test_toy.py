@@ -15,14 +15,15 @@ import toy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# A short run that still learns: the EMA map of toy.train(TEST_STEPS) sits at rms ~0.1 from T (the default 6,000
-# steps reach ~0.05-0.08).
+# A short run that still learns: toy.train(TEST_STEPS) ends at rms 0.13-0.17 from T for seeds 0-6, every one with
+# monotone_fraction 1 (the default 5,000 steps reach ~0.07-0.13). ~30 s on one core.
 TEST_STEPS = 1500
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def one_thread():
-    """toy.main trains on one thread; so do the tests (faster for these tiny nets, and repeatable)."""
+    """toy.main runs on one thread; so do these tests (on 2 cores, torch's intra-op threads make these small
+    tensors several times slower, and a fixed thread count makes training repeatable)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -57,8 +58,7 @@ def test_mixture_cdf_and_density():
 def test_sample_data_matches_the_mixture():
     x = toy.sample_data(200_000, torch.Generator().manual_seed(0)).squeeze(1).double()
     nearest_mode = (x[:, None] - torch.tensor(toy.MODES, dtype=torch.float64)).abs().argmin(1)
-    assert torch.allclose(torch.bincount(nearest_mode) / x.numel(), torch.full((4,), 0.25, dtype=torch.float64),
-                          atol=0.005)
+    assert torch.allclose(torch.bincount(nearest_mode) / x.numel(), torch.full((4,), 0.25), atol=0.005)
     within_mode = x - torch.tensor(toy.MODES, dtype=torch.float64)[nearest_mode]
     assert within_mode.std().item() == pytest.approx(0.05, rel=0.01)
 
@@ -110,36 +110,46 @@ def test_measures_on_known_maps():
     swapped = torch.where(t.abs() < 1, -t, t)
     assert toy.rms_to_optimal_map(z, swapped) > 0.7
     assert toy.monotone_fraction(z, swapped) == pytest.approx(0.875, abs=0.01)
-    # right mode for every quarter but a random order inside each mode: RMS sqrt(2) sigma ~ 0.07, still monotone
-    # at the scale of the modes
-    shuffled = t + 0.05 * torch.randn(z.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    assert toy.rms_to_optimal_map(z, shuffled) == pytest.approx(0.05, abs=0.01)
+    # right mode for every quarter but a random order inside each mode: RMS ~ sqrt(2) sigma = 0.07, and still
+    # monotone at the scale of the modes
+    shuffled = t.clone()
+    generator = torch.Generator().manual_seed(0)
+    for mode in toy.MODES:
+        inside = torch.nonzero((t - mode).abs() < 0.5).squeeze(1)
+        shuffled[inside] = t[inside[torch.randperm(inside.numel(), generator=generator)]]
+    assert toy.rms_to_optimal_map(z, shuffled) == pytest.approx(0.07, abs=0.02)
     assert toy.monotone_fraction(z, shuffled) == 1.0
+    # a strict tolerance sees the scrambled order inside the modes
+    assert toy.monotone_fraction(z, shuffled, tolerance=0.0) < 0.9
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Training
 
 
-def test_training_learns_the_optimal_map(one_thread):
-    G = toy.train(steps=TEST_STEPS, seed=0)
+def test_training_learns_the_optimal_map():
+    # seed 1 starts G decreasing (the plain GAN keeps that orientation): the OT term has to turn the map around
+    initial = toy.generate(toy.train(steps=0, seed=1), toy.GRID)
+    assert toy.monotone_fraction(toy.GRID, initial, tolerance=0.0) < 0.01
+    G = toy.train(steps=TEST_STEPS, seed=1)
     x = toy.generate(G, toy.GRID)
     # Every pair of samples lands in modes in the same order as their z: the monotone assignment of prior quarters
     # to modes that only the W2-optimal map has (a GAN that reverses the modes scores 0.25, one swap 0.875).
     assert toy.monotone_fraction(toy.GRID, x) >= 0.99
-    # Tolerance 0.2: the mode spacing is 1.0 and the mode std 0.05, so a map that sends each quarter of the prior to
-    # the right mode is within ~0.07 of T even with its within-mode order scrambled (test_measures_on_known_maps),
-    # plus a little for the finite-width steps a smooth G makes at T's jumps; the identity map is at 0.38 and a
-    # map with two modes swapped beyond 0.7. This short run lands near 0.1.
+    # Tolerance 0.2, well below the identity map's 0.38, a two-mode swap's 0.7 and the mode spacing 1.0. The mode
+    # std is 0.05, so scrambling the order inside every mode costs only ~0.07 (test_measures_on_known_maps); the
+    # rest of the budget goes to where the map's three steps sit: T jumps by ~1 there, and steps off by dz in z cost
+    # ~sqrt(dz), so 0.2 allows dz ~ 0.03 (about 1% of the mass per jump in the neighbouring mode). This short run
+    # lands at 0.15 (0.13-0.17 over seeds 0-6).
     assert toy.rms_to_optimal_map(toy.GRID, x) < 0.2
     # and the pushed-forward prior puts a quarter of its mass near each mode
     samples = toy.generate(G, torch.randn(100_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
     nearest_mode = (samples[:, None] - torch.tensor(toy.MODES, dtype=torch.float64)).abs().argmin(1)
-    assert torch.allclose(torch.bincount(nearest_mode, minlength=4) / samples.numel(),
-                          torch.full((4,), 0.25, dtype=torch.float64), atol=0.03)
+    mass_per_mode = torch.bincount(nearest_mode, minlength=4) / samples.numel()
+    assert torch.allclose(mass_per_mode, torch.full((4,), 0.25), atol=0.03)
 
 
-def test_training_is_deterministic(one_thread):
+def test_training_is_deterministic():
     first, second = toy.train(steps=20, seed=3), toy.train(steps=20, seed=3)
     other_seed = toy.train(steps=20, seed=4)
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
