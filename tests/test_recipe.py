@@ -156,3 +156,35 @@ def test_stall_reload_without_fid_is_refused(cifar, tmp_path, capsys):
         train.main(["--data-path", cifar, "--out-dir", str(tmp_path), "--phase", "3", "--max-steps", "1", *FAST])
     assert exit_info.value.code == 2
     assert "--fid-every" in capsys.readouterr().err
+
+
+def test_the_four_phases_in_sequence_end_with_a_checkpoint_sample_py_reads(cifar, tmp_path, monkeypatch):
+    """Phases 1 to 4, each --init-from the previous one, on small generated data; phase 4 guides with a classifier
+    trained by --train-classifier. The in-loop FID (which phases 3 and 4 watch for D reloads) is scripted."""
+    import sample
+    scores = iter([3.0, 2.0, 2.5, 1.0, 1.5, 1.8])
+    monkeypatch.setattr(train, "in_loop_fid", lambda *args: next(scores))
+    monkeypatch.setattr(train.fid, "load_inception", lambda *args, **kwargs: None)
+    reference = tmp_path / "ref.npz"
+    np.savez(reference, mu=np.zeros(3), sigma=np.eye(3))
+    fid_flags = ["--fid-every", "1", "--fid-ref", str(reference)]
+    train.main(["--train-classifier", "--data-path", cifar, "--out-dir", str(tmp_path / "cls"), "--max-steps", "2",
+                *FAST])
+    previous = None
+    for phase in (1, 2, 3, 4):
+        out = tmp_path / f"p{phase}"
+        flags = ["--phase", str(phase), "--data-path", cifar, "--out-dir", str(out), "--max-steps", "2",
+                 "--ema-reload-every", "2", *FAST]
+        flags += ["--init-from", str(previous)] if previous else []
+        flags += fid_flags if phase >= 3 else []
+        flags += ["--classifier", str(tmp_path / "cls" / "classifier.pt")] if phase == 4 else []
+        train.main(flags)
+        state = checkpoint.load(out / "ckpt.pt")
+        config = json.load(open(out / "config.json"))
+        assert state["step"] == 2 and config["phase"] == phase
+        if previous:  # started from the previous phase's weights, not from scratch
+            assert not all(torch.equal(v, 0 * v) for k, v in state["G"].items() if "final_layer" in k)
+        previous = out / "ckpt.pt"
+    assert config["cg_scale"] == 0.003 and config["augment_p"] == 0.4 and config["ot_start"] == 0.001
+    sample.main(["--ckpt", str(previous), "--out", str(tmp_path / "grid.png"), "--labels", "1,2"])
+    assert (tmp_path / "grid.png").exists()
