@@ -10,9 +10,9 @@
 
 import os
 import pickle
+import pickletools
 import re
 import warnings
-import zipfile
 
 import torch
 
@@ -43,7 +43,6 @@ def save(obj, path):
 def _pickle_with_globals(path):
     """True when the file is one well-formed pickle that imports something (a class or a function): what a
     code-executing payload needs. Only parses the opcodes; nothing is unpickled."""
-    import pickletools
     try:
         with open(path, "rb") as f:
             ops = [op.name for op, _, _ in pickletools.genops(f)]

@@ -1,7 +1,6 @@
 """The paper's full recipe: flow-based classifier guidance, EMA and D reloads, and the Table-11 phase presets."""
 
 import json
-import os
 
 import numpy as np
 import pytest
