@@ -30,9 +30,11 @@ How to read the last line (JSON):
     mfu              CUDA only: tflops over the 8192 x 8192 torch.mm rate of the chosen --precision
                      (mm_fp32_tflops, mm_tf32_tflops, mm_bf16_tflops)
     peak_mem_mb      CUDA: max allocated memory in the timed iterations; CPU: the process's peak RSS (ru_maxrss)
+    warmup_s         wall time of the --warmup iterations (with --compile: mostly compilation)
     sample_ms        median time for one batch of samples from the EMA generator (sample.sample), sample_nfe steps
-    --baseline:      baseline_iter_ms, baseline_img_per_s, baseline_gflop_per_iter, baseline_flop_units for the
-                     authors' training step (authors_train_step below), timed the same way after ours, and
+    --baseline:      baseline_iter_ms, baseline_img_per_s, baseline_gflop_per_iter, baseline_flop_units,
+                     baseline_tflops, baseline_peak_mem_mb (and on CUDA baseline_mfu) for the authors' training
+                     step (authors_train_step below), timed the same way after ours, and
                      ratio = iter_ms / baseline_iter_ms (below 1: ours is faster; the project's goal is <= 0.85)
 
 On a shared machine compare numbers from one run only, and repeat runs: each is a median of --steps iterations.
@@ -326,17 +328,20 @@ def authors_train_step(nets, args, x_d, y_d, x_g, y_g, ot_scale, autocast, augme
 
 
 def measure_iterations(train_step, next_batches, options, device):
-    """-> iteration ms (median), peak memory MiB. Runs --warmup untimed iterations, then --steps timed ones."""
+    """-> iteration ms (median), peak memory MiB, warm-up seconds. Runs --warmup untimed iterations (with
+    --compile, the compilation happens there), then --steps timed ones."""
     def iteration():
         train_step(*next_batches())
 
+    start = time.perf_counter()
     for _ in range(options.warmup):
         iteration()
     synchronize(device)
+    warmup_s = time.perf_counter() - start
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     iter_ms = median_ms(iteration, options.steps, device)
-    return iter_ms, peak_memory_mb(device)
+    return iter_ms, peak_memory_mb(device), warmup_s
 
 
 def measure_ours(args, options, generator_kwargs, discriminator_kwargs, next_batches, step_args, device):
@@ -352,7 +357,7 @@ def measure_ours(args, options, generator_kwargs, discriminator_kwargs, next_bat
     with torch.no_grad(), autocast():
         forward_flops = count_flops(lambda: nets.G(x, y, *losses.sample_times(len(x), args.nfe, device)))
 
-    iter_ms, peak_mem_mb = measure_iterations(
+    iter_ms, peak_mem_mb, warmup_s = measure_iterations(
         lambda *batches: train.train_step(nets, args, *batches, *step_args), next_batches, options, device)
 
     sample_nfe = 8 if args.nfe == "any" else args.nfe  # as train.py's sample grids
@@ -365,17 +370,17 @@ def measure_ours(args, options, generator_kwargs, discriminator_kwargs, next_bat
     sample_batch()
     sample_ms = median_ms(sample_batch, options.steps, device)
     return dict(iter_ms=iter_ms, flops=flops, forward_flops=forward_flops, peak_mem_mb=peak_mem_mb,
-                sample_ms=sample_ms, sample_nfe=sample_nfe)
+                warmup_s=warmup_s, sample_ms=sample_ms, sample_nfe=sample_nfe)
 
 
 def measure_authors(args, options, generator_kwargs, discriminator_kwargs, next_batches, step_args, device):
-    """The baseline's iteration: FLOPs and time, measured as measure_ours does."""
+    """The baseline's iteration: FLOPs, time and memory, measured as measure_ours does."""
     nets = build_authors_nets(args, generator_kwargs, discriminator_kwargs, device)
     batches = next_batches()
     flops = count_flops(lambda: authors_train_step(nets, args, *batches, *step_args))
-    iter_ms, _ = measure_iterations(
+    iter_ms, peak_mem_mb, _ = measure_iterations(
         lambda *batches: authors_train_step(nets, args, *batches, *step_args), next_batches, options, device)
-    return dict(iter_ms=iter_ms, flops=flops)
+    return dict(iter_ms=iter_ms, flops=flops, peak_mem_mb=peak_mem_mb)
 
 
 def run(options, args):
@@ -412,13 +417,18 @@ def run(options, args):
         gflops=gflops, tflops=gflops / 1e3, **peaks, mm_fraction=gflops / peaks["mm_fp32_gflops"])
     if device.type == "cuda":
         result["mfu"] = result["tflops"] / peaks[f"mm_{args.precision}_tflops"]
-    result.update(peak_mem_mb=ours["peak_mem_mb"], sample_ms=ours["sample_ms"], sample_nfe=ours["sample_nfe"])
+    result.update(peak_mem_mb=ours["peak_mem_mb"], warmup_s=ours["warmup_s"], sample_ms=ours["sample_ms"],
+                  sample_nfe=ours["sample_nfe"])
     if authors is not None:
+        baseline_tflops = authors["flops"] / 1e12 / (authors["iter_ms"] / 1e3)
         result.update(baseline_iter_ms=authors["iter_ms"],
                       baseline_img_per_s=args.batch_size / (authors["iter_ms"] / 1e3),
                       baseline_gflop_per_iter=authors["flops"] / 1e9,
                       baseline_flop_units=authors["flops"] / ours["forward_flops"],
+                      baseline_tflops=baseline_tflops, baseline_peak_mem_mb=authors["peak_mem_mb"],
                       ratio=ours["iter_ms"] / authors["iter_ms"])
+        if device.type == "cuda":
+            result["baseline_mfu"] = baseline_tflops / peaks[f"mm_{args.precision}_tflops"]
     result.update(model=args.model, image_size=args.image_size, in_channels=options.in_channels,
                   num_classes=options.num_classes, batch_size=args.batch_size, precision=args.precision,
                   compile=args.compile, nfe=args.nfe, repeat=args.repeat, data_loader=options.data_loader,

@@ -29,8 +29,9 @@ RUNS = {
     "pngs": ["--data-loader", "--num-workers", "1"],
 }
 REQUIRED = ["iter_ms", "img_per_s", "gflop_per_iter", "flop_units", "gflops", "tflops", "mm_fp32_gflops",
-            "mm_fraction", "peak_mem_mb", "sample_ms"]
-BASELINE = ["baseline_iter_ms", "baseline_img_per_s", "baseline_gflop_per_iter", "baseline_flop_units", "ratio"]
+            "mm_fraction", "peak_mem_mb", "warmup_s", "sample_ms"]
+BASELINE = ["baseline_iter_ms", "baseline_img_per_s", "baseline_gflop_per_iter", "baseline_flop_units",
+            "baseline_tflops", "baseline_peak_mem_mb", "ratio"]
 CONFIG = ["model", "batch_size", "precision", "compile", "nfe", "repeat", "device", "torch", "threads"]
 
 
@@ -72,6 +73,9 @@ def test_baseline_adds_ratio(results):
     for key in BASELINE:
         assert isinstance(result[key], float) and math.isfinite(result[key]) and result[key] > 0, key
     assert result["ratio"] == pytest.approx(result["iter_ms"] / result["baseline_iter_ms"])
+    baseline_tflops = result["baseline_gflop_per_iter"] / result["baseline_iter_ms"]  # GFLOP / ms = TFLOP / s
+    assert result["baseline_tflops"] == pytest.approx(baseline_tflops)
+    assert "baseline_mfu" not in result  # CUDA only, as mfu
 
 
 def test_multi_step_from_latent_files(results):
