@@ -6,15 +6,24 @@
   `__reduce__` payload) is refused before anything in it runs.
 - load_weights(): compares keys and shapes first, so a mismatch is reported as one line naming the first
   offending key, instead of PyTorch's multi-line dump.
+
+And what a resumable run needs around them, shared by train.py and classifier.py: the output folder, every
+rank's random state (so a resumed run draws exactly the numbers it would have drawn), the SIGINT/SIGTERM flag
+that saves before exiting, and the resumed configuration: the checkpoint's, with the flags typed now on top.
 """
 
 import os
 import pickle
 import pickletools
+import random
 import re
+import signal
+import sys
 import warnings
 
+import numpy as np
 import torch
+import torch.distributed as dist
 
 
 class CheckpointError(Exception):
@@ -89,3 +98,94 @@ def load_weights(module, state_dict, what="checkpoint"):
     if mismatch is not None:
         raise CheckpointError(f"{what} does not fit the model: {mismatch}")
     module.load_state_dict(state_dict)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Resumable runs
+
+
+def check_out_dir(out_dir):
+    """Create out_dir, or CheckpointError when it is a file or cannot be written to."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise CheckpointError(f"--out-dir {out_dir} exists and is not a directory")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = os.path.join(out_dir, f".write-test{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise CheckpointError(f"--out-dir {out_dir} is not writable ({e.strerror})") from None
+
+
+def rng_state():
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+            "python": random.getstate()}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def gather_rng_states(world_size):
+    """Every rank's RNG state, on rank 0 (each rank draws its own noise)."""
+    if world_size == 1:
+        return [rng_state()]
+    states = [None] * world_size
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
+class StopFlag:
+    """SIGINT/SIGTERM: finish the step, save, exit 0. A second signal exits at once."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame):
+        if self.requested:
+            os._exit(128 + signum)
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: saving after this step (signal again to quit at once)",
+              file=sys.stderr, flush=True)
+
+    def agreed(self, device, world_size):
+        """Every rank stops at the same step: one rank's signal stops all."""
+        if world_size == 1:
+            return self.requested
+        flag = torch.tensor([float(self.requested)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def flags_given(parser, argv):
+    """The destinations of the flags typed on this command line (not those left at their defaults)."""
+    defaults, unset = vars(parser.parse_args([])), object()
+    parser.set_defaults(**dict.fromkeys(defaults, unset))
+    try:
+        return {name for name, value in vars(parser.parse_args(argv)).items() if value is not unset}
+    finally:
+        parser.set_defaults(**defaults)
+
+
+def resumed_config(saved, current, given, fixed):
+    """The configuration a resumed run continues with: the checkpoint's own (saved), then every flag typed now
+    (given) on top, so that e.g. `--resume --lr 1e-5` takes effect. Flags that are not in the checkpoint's
+    configuration (a newer version of this code) keep their current value. A flag in fixed (what the weights,
+    the data position or the random streams depend on) may be repeated but not changed: CheckpointError."""
+    for name in sorted(given & set(fixed)):
+        if name in saved and saved[name] != current[name]:
+            flag = "--" + name.replace("_", "-")
+            raise CheckpointError(f"{flag} cannot change on --resume (the checkpoint has {saved[name]!r}, the "
+                                  f"command line {current[name]!r}); start a new run, or drop {flag}")
+    return {**current, **{k: v for k, v in saved.items() if k in current and k not in given}}

@@ -1,31 +1,38 @@
 """Train the time-conditioned classifier that flow-based classifier guidance needs, and load it back.
 
-    python train.py --train-classifier --data folder --data-path DIR --image-size 32      # a laptop run
-    torchrun --nproc_per_node=8 train.py --train-classifier --data imagenet --data-path latents.npy \
-        --model B/2 --max-steps 150000                                                    # the paper's recipe
+    python classifier.py --data folder --data-path DIR --image-size 32                     # a laptop run
+    torchrun --nproc_per_node=8 classifier.py --data imagenet --data-path latents.npy      # the paper's recipe
 
-Flow-based classifier guidance (paper sec. 3.5, eq. 26; App. F; PAPER.md 3.6) asks a classifier C(x_t', t') how
-recognisable G's output still is after re-noising it to a random time t' with fresh noise. So C must work at every
-noise level: it is trained with cross-entropy on x_t = (1 - t) x + t z with t ~ U(0, 1) per sample, and sees t
-through its time embedding (model.Classifier). The recipe (paper sec. 4, the authors' classifier config):
+(`python train.py --train-classifier ...` is an alias: it passes the other flags on to this file.)
+
+Flow-based classifier guidance (paper sec. 3.5, eq. 26; App. F) asks a classifier C(x_t', t') how recognisable G's
+output still is after re-noising it to a random time t' with fresh noise. So C must work at every noise level: it
+is trained with cross-entropy on x_t = (1 - t) x + t z with t ~ U(0, 1) per sample, and sees t through its time
+embedding (model.Classifier). The recipe (paper sec. 4, the authors' classifier config):
 
     network     model.Classifier, a DiT with a learned [CLS] token, conditioned on time only; B/2 in the paper
-                (pass --model B/2: the imagenet preset's XL/2 is the GAN's size)
     data        the same sources as train.py; ImageNet as SD-VAE latents. Affine augmentation of x before noising:
                 p 0.8, +-10 degrees, translate 0.3, scale 1.0-1.3, reflection padding (augment.AffineAugment)
-    optimizer   AdamW, lr --lr (1e-4 in the paper), betas (0.9, 0.95), weight decay 0 (--weight-decay is the
-                GAN's and is not used); gradients clipped at --grad-clip (50: in practice a NaN guard and a log)
+    optimizer   AdamW, lr --lr (1e-4 in the paper), betas (0.9, 0.95), weight decay 0; gradients clipped at
+                --grad-clip (50: in practice a NaN guard and a log)
     EMA         decay 0.9995, warmed up as min(0.9995, (1 + step) / (10 + step)) so that a short run's EMA is not
                 mostly the random initialization; after a few thousand steps it is the plain 0.9995 EMA
-    length      30 epochs: --max-steps 150000 at batch 256 on ImageNet
+    length      30 epochs: --max-steps 150000 at batch 256 on ImageNet (the imagenet preset)
+
+Guidance feeds the classifier G's outputs, so train it on the same --data, --data-path and --image-size as the GAN.
 
 Output in --out-dir: classifier.pt (the EMA weights under "classifier", which guidance uses, plus everything needed
 to --resume exactly) and classifier_log.jsonl. Each log line has the online network's training loss and accuracy
 (augmented x, random t, averaged since the last line), and acc_t0 ... acc_t1: the EMA network's accuracy on the
 current un-augmented batch noised to one fixed t for the whole batch. These should fall from near the clean
 accuracy at t = 0 to chance at t = 1, where the input is pure noise.
+
+This file is its own entry point and imports nothing from train.py; the few lines of process setup it shares with
+train.py are repeated here.
 """
 
+import argparse
+import contextlib
 import json
 import os
 import sys
@@ -40,15 +47,71 @@ from tqdm import tqdm
 import checkpoint
 import data
 import losses
-import train
 import vae
 from augment import AffineAugment
 from model import MODELS, Classifier
+from sample import LATENT_SCALE
 
 BETAS = (0.9, 0.95)
 WEIGHT_DECAY = 0.0
 EMA_DECAY = 0.9995
 NOISE_LEVELS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+# Flags left unset take the preset of --data: the paper's classifier on ImageNet latents (sec. 4: B/2, 30 epochs
+# at batch 256), and a tiny one for the small sources that sit in memory (cifar10, mnist, ...) or in a folder.
+SMALL = dict(model="T/4", image_size=32, batch_size=32, lr=2e-4, max_steps=20_000, ckpt_every=1000, log_every=50,
+             num_workers=0)
+PRESETS = {"folder": dict(SMALL, num_workers=4),
+           "imagenet": dict(model="B/2", image_size=256, batch_size=256, lr=1e-4, max_steps=150_000,
+                            ckpt_every=5000, log_every=100, num_workers=8)}
+
+# What the weights, the data position or the random streams depend on: a resumed run cannot change these.
+FIXED_ON_RESUME = ("data", "image_size", "model", "batch_size", "seed")
+
+
+def make_parser():
+    p = argparse.ArgumentParser(description="Train the time-conditioned classifier for flow-based classifier "
+                                            "guidance. Unset flags take the --data preset.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", default="cifar10", help="the data source, as train.py's --data (cifar10, folder, "
+                                                     "imagenet, ...)")
+    p.add_argument("--data-path", default=None, help="dataset location, as for train.py")
+    p.add_argument("--image-size", type=int, default=None, help="pixels: the GAN's (32; imagenet: 256)")
+    p.add_argument("--vae", default=None, help="sd-vae-ft-mse weights, to encode an ImageNet image folder on the fly")
+    p.add_argument("--model", default=None, help=f"one of {', '.join(MODELS)} (T/4; imagenet: B/2)")
+    p.add_argument("--batch-size", type=int, default=None, help="global batch, split over the processes")
+    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate")
+    p.add_argument("--grad-clip", type=float, default=50.0, help="max gradient norm")
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--out-dir", default="out")
+    p.add_argument("--resume", action="store_true", help="continue from --out-dir/classifier.pt; flags given now "
+                   "take effect, except " + ", ".join("--" + f.replace("_", "-") for f in FIXED_ON_RESUME))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available)")
+    p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="tf32",
+                   help="CUDA matmul precision; bf16 is autocast and opt-in. CPU always runs fp32")
+    p.add_argument("--num-workers", type=int, default=None, help="data-loading worker processes per rank")
+    p.add_argument("--ckpt-every", type=int, default=None)
+    p.add_argument("--log-every", type=int, default=None)
+    p.add_argument("--max-bad-steps", type=int, default=5,
+                   help="stop after this many consecutive steps with a non-finite loss or gradient")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    return p
+
+
+def parse_args(argv=None):
+    """-> (args, the names of the flags typed on the command line)."""
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    for name, value in PRESETS.get(args.data, SMALL).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args, checkpoint.flags_given(parser, argv)
+
+
+class Diverged(Exception):
+    """Too many consecutive non-finite steps (exit code 3)."""
+
 
 
 def ema_decay_at(step):
@@ -74,9 +137,9 @@ def check_contents(state, path):
         return
     if isinstance(state, dict) and "G" in state and "generator_kwargs" in state:
         raise checkpoint.CheckpointError(f"{path} is a GAN checkpoint (train.py's ckpt.pt), not a classifier; pass "
-                                         f"the classifier.pt written by `python train.py --train-classifier`")
+                                         f"the classifier.pt written by `python classifier.py`")
     raise checkpoint.CheckpointError(f"{path} is not a classifier checkpoint (no 'classifier' weights and "
-                                     f"'classifier_kwargs'); pass a classifier.pt from `train.py --train-classifier`")
+                                     f"'classifier_kwargs'); pass a classifier.pt from `python classifier.py`")
 
 
 def load_classifier(path, device="cpu"):
@@ -91,8 +154,42 @@ def load_classifier(path, device="cpu"):
     return net.to(device).eval().requires_grad_(False)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Processes, precision, data
+
+
+def setup_processes(device_arg):
+    """-> rank, world_size, device. Under torchrun: NCCL on CUDA, gloo on CPU. Plain python: one process."""
+    if "RANK" not in os.environ:
+        default = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        return 0, 1, torch.device(device_arg or default)
+    rank, world_size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    use_cuda = torch.cuda.is_available() and device_arg in (None, "cuda")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    return rank, world_size, torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+
+
+def autocast_for(precision, device):
+    """TF32 matmuls unless --precision fp32; bf16 autocast only when asked for, on CUDA."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision != "fp32"
+    if precision == "bf16" and device.type == "cuda":
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+@torch.no_grad()
+def encode_latents(autoencoder, images):
+    """[-1, 1] images -> scaled SD-VAE latents: a posterior sample, in bf16 on CUDA (as the authors do)."""
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=images.device.type == "cuda"):
+        mean, logvar = autoencoder.encode(images)
+    mean, logvar = mean.float(), logvar.float()
+    return LATENT_SCALE * (mean + torch.exp(0.5 * logvar) * torch.randn_like(mean))
+
+
 def make_data(args, rank, world_size, device):
-    """The data path of train.py. -> (loader, next_batch, num_classes, in_channels, input_size)."""
+    """The data sources of train.py. -> (loader, next_batch, num_classes, in_channels, input_size)."""
     if world_size > 1 and rank > 0:
         dist.barrier()  # rank 0 first, so that only it downloads
     dataset, num_classes, in_channels, input_size = data.make_dataset(args.data, args.data_path, args.image_size)
@@ -110,26 +207,33 @@ def make_data(args, rank, world_size, device):
 
     def next_batch():
         x, y = next(loader)
-        return (train.encode_latents(autoencoder, x) if encode else x), y
+        return (encode_latents(autoencoder, x) if encode else x), y
 
     return loader, next_batch, num_classes, in_channels, input_size
 
 
-def train_classifier(args):
-    rank, world_size, device = train.setup_distributed(args.device)
-    if args.model not in MODELS:  # train.validate's checks that concern the classifier; the GAN's flags do not
+# ----------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def train_classifier(args, given=()):
+    """Train, or continue (--resume) with the checkpoint's flags except those in given, the flags typed now."""
+    rank, world_size, device = setup_processes(args.device)
+    ckpt_path = os.path.join(args.out_dir, "classifier.pt")
+    resume_state = checkpoint.load(ckpt_path) if args.resume else None
+    if resume_state is not None:
+        check_contents(resume_state, ckpt_path)
+        args = argparse.Namespace(**checkpoint.resumed_config(
+            resume_state["config"], vars(args), set(given) | {"out_dir", "resume"}, FIXED_ON_RESUME))
+    if args.model not in MODELS:
         raise data.DataError(f"unknown model {args.model!r}; valid models: {', '.join(MODELS)}")
     if args.batch_size <= 0 or args.batch_size % world_size:
         raise data.DataError(f"--batch-size {args.batch_size} must be positive and divisible by the number of "
                              f"processes ({world_size})")
     main_process = rank == 0
     if main_process:
-        train.check_out_dir(args.out_dir)
-    ckpt_path = os.path.join(args.out_dir, "classifier.pt")
-    resume_state = checkpoint.load(ckpt_path) if args.resume else None
-    if resume_state is not None:
-        check_contents(resume_state, ckpt_path)
-    autocast = train.set_precision(args.precision, device)
+        checkpoint.check_out_dir(args.out_dir)
+    autocast = autocast_for(args.precision, device)
     loader, next_batch, num_classes, in_channels, input_size = make_data(args, rank, world_size, device)
 
     classifier_kwargs = dict(MODELS[args.model], input_size=input_size, in_channels=in_channels,
@@ -147,10 +251,12 @@ def train_classifier(args):
         checkpoint.load_weights(net, resume_state["online"], what=f"{ckpt_path} online")
         checkpoint.load_weights(ema, resume_state["classifier"], what=f"{ckpt_path} classifier")
         opt.load_state_dict(resume_state["opt"])
+        for group in opt.param_groups:  # the state_dict carries the old learning rate; --lr may have changed it
+            group["lr"] = args.lr
         loader.load_state_dict(resume_state["data"])
         step = resume_state["step"]
         if len(resume_state["rng"]) == world_size:
-            train.set_rng_state(resume_state["rng"][rank])
+            checkpoint.set_rng_state(resume_state["rng"][rank])
         else:
             print("warning: resuming with a different number of processes; random streams restart", file=sys.stderr)
 
@@ -159,65 +265,88 @@ def train_classifier(args):
               f"{world_size} x {device}, global batch {args.batch_size}, starting at step {step}")
     augment = AffineAugment()
     log_file = open(os.path.join(args.out_dir, "classifier_log.jsonl"), "a") if main_process else None
-    stop = train.StopFlag()
+    stop = checkpoint.StopFlag()
     progress = tqdm(total=args.max_steps, initial=step, disable=not main_process, dynamic_ncols=True)
     pending, bad_steps, tic, tic_step = [], 0, time.time(), step
 
     def save():
-        rng_states = train.gather_rng_states(world_size)
+        rng_states = checkpoint.gather_rng_states(world_size)
         if main_process:
             checkpoint.save({"classifier_kwargs": classifier_kwargs, "classifier": ema.state_dict(),
                              "online": net.state_dict(), "opt": opt.state_dict(), "step": step,
                              "config": vars(args), "rng": rng_states, "data": loader.state_dict()}, ckpt_path)
 
-    while step < args.max_steps:
-        x, y = next_batch()
-        t = torch.rand(x.shape[0], device=device)
-        x_t = losses.interpolate(augment(x), torch.randn_like(x), t)
-        with autocast():
-            logits = net_train(x_t, t).float()
-        loss = F.cross_entropy(logits, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        if bool(torch.isfinite(loss + grad_norm)):  # a non-finite step is skipped, never applied
-            opt.step()
-            train.update_ema(ema, net, ema_decay_at(step))
-            bad_steps = 0
-        else:
-            bad_steps += 1
-            if bad_steps >= args.max_bad_steps:
-                raise train.Diverged(f"{bad_steps} consecutive non-finite steps up to step {step + 1}; "
-                                     f"lower --lr or resume from {ckpt_path}")
-        step += 1
-        pending.append(torch.stack([loss.detach(), (logits.argmax(1) == y).float().mean(), grad_norm.detach()]))
-
-        if step % args.log_every == 0 or step == args.max_steps:
+    try:  # an error ends the progress bar first, so that its line starts on a clean line
+        while step < args.max_steps:
+            x, y = next_batch()
+            t = torch.rand(x.shape[0], device=device)
+            x_t = losses.interpolate(augment(x), torch.randn_like(x), t)
             with autocast():
-                by_level = accuracy_by_noise_level(ema, x, y, seed=step * 1000 + rank)
-            values = torch.cat([torch.stack(pending).mean(0), torch.stack(list(by_level.values())).float()])
-            if world_size > 1:
-                dist.all_reduce(values)
-                values /= world_size
-            names = ["loss", "acc", "grad_norm", *by_level]
-            record = dict(step=step, **dict(zip(names, values.tolist())), lr=args.lr,
-                          img_per_s=(step - tic_step) * args.batch_size / max(time.time() - tic, 1e-9))
-            pending, tic, tic_step = [], time.time(), step
-            if main_process:
-                log_file.write(json.dumps(record) + "\n")
-                log_file.flush()
-                progress.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['acc']:.2f}",
-                                     acc_t0=f"{record['acc_t0']:.2f}", acc_t1=f"{record['acc_t1']:.2f}")
-        stopping = stop.agreed(device, world_size)
-        if step % args.ckpt_every == 0 or step == args.max_steps or stopping:
-            save()
-        progress.update(1)
-        if stopping:
-            break
-    progress.close()
-    if log_file:
-        log_file.close()
+                logits = net_train(x_t, t).float()
+            loss = F.cross_entropy(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+            if bool(torch.isfinite(loss + grad_norm)):  # a non-finite step is skipped, never applied
+                opt.step()
+                with torch.no_grad():
+                    torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - ema_decay_at(step))
+                bad_steps = 0
+            else:
+                bad_steps += 1
+                if bad_steps >= args.max_bad_steps:
+                    raise Diverged(f"the loss became non-finite: {bad_steps} consecutive steps up to step {step + 1} "
+                                   f"were skipped; lower --lr or resume from {ckpt_path}")
+            step += 1
+            pending.append(torch.stack([loss.detach(), (logits.argmax(1) == y).float().mean(), grad_norm.detach()]))
+
+            if step % args.log_every == 0 or step == args.max_steps:
+                with autocast():
+                    by_level = accuracy_by_noise_level(ema, x, y, seed=step * 1000 + rank)
+                values = torch.cat([torch.stack(pending).mean(0), torch.stack(list(by_level.values())).float()])
+                if world_size > 1:
+                    dist.all_reduce(values)
+                    values /= world_size
+                names = ["loss", "acc", "grad_norm", *by_level]
+                record = dict(step=step, **dict(zip(names, values.tolist())), lr=opt.param_groups[0]["lr"],
+                              img_per_s=(step - tic_step) * args.batch_size / max(time.time() - tic, 1e-9))
+                pending, tic, tic_step = [], time.time(), step
+                if main_process:
+                    log_file.write(json.dumps(record) + "\n")
+                    log_file.flush()
+                    progress.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['acc']:.2f}",
+                                         acc_t0=f"{record['acc_t0']:.2f}", acc_t1=f"{record['acc_t1']:.2f}")
+            stopping = stop.agreed(device, world_size)
+            if step % args.ckpt_every == 0 or step == args.max_steps or stopping:
+                save()
+            progress.update(1)
+            if stopping:
+                break
+    finally:
+        progress.close()
+        if log_file:
+            log_file.close()
     if world_size > 1:
         dist.barrier()
         dist.destroy_process_group()
     return ema
+
+
+def main(argv=None):
+    args, given = parse_args(argv)
+    try:
+        train_classifier(args, given)
+    except Diverged as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
+    except (data.DataError, checkpoint.CheckpointError, vae.VAEError) as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

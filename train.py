@@ -25,7 +25,6 @@ import json
 import math
 import os
 import random
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import checkpoint
+import classifier
 import data
 import fid
 import losses
@@ -85,10 +85,20 @@ def phase_preset(phase, nfe, repeat, model):
     if phase >= 3:
         preset.update(d_reload_on_stall=3)
     if phase == 4 and multi_step:
-        preset.update(cg_scale=0.02, cg_target_times="0" if nfe == 2 else "0,0.25", augment_p=0.4)
+        preset.update(cg_scale=0.02, augment_p=0.4)  # at the target times of CG_TARGET_TIMES
     elif phase == 4:
         preset.update(cg_scale=0.003, cg_t="0,0.1", augment_p=0.4)
     return preset
+
+
+# Multi-step guidance applies the cross-entropy at t' = t on these target times only (Table 11, eq. 38). The paper
+# gives them for 2 and 4 NFE; other K need --cg-target-times. Any-step models guide every sample at its own t.
+CG_TARGET_TIMES = {2: "0", 4: "0,0.25"}
+
+# What the weights, the data position or the random streams depend on: a resumed run cannot change these. Every
+# other flag given with --resume takes effect (learning rates, schedules, guidance, logging, precision, ...).
+FIXED_ON_RESUME = ("data", "image_size", "model", "nfe", "pred", "repeat", "batch_size", "seed", "phase",
+                   "init_from", "d_reload")
 
 
 def parse_args(argv=None):
@@ -124,8 +134,8 @@ def parse_args(argv=None):
     p.add_argument("--cp-scale", type=float, default=0.01, help="lambda_cp of the logit-centering penalty")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--out-dir", default="out")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from --out-dir/ckpt.pt (classifier.pt with --train-classifier)")
+    p.add_argument("--resume", action="store_true", help="continue from --out-dir/ckpt.pt; flags given now take "
+                   "effect, except " + ", ".join("--" + f.replace("_", "-") for f in FIXED_ON_RESUME))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available)")
     p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="tf32",
@@ -158,9 +168,11 @@ def parse_args(argv=None):
     p.add_argument("--fid-ref", default=None, help="reference statistics .npz (mu, sigma) from `fid.py --stats`")
     p.add_argument("--fid-weights", default=None, help="FID Inception weights (default: downloaded once)")
     p.add_argument("--train-classifier", action="store_true",
-                   help="train the time-conditioned classifier for flow-based guidance instead (classifier.py)")
+                   help="an alias of `python classifier.py`: train the time-conditioned classifier for flow-based "
+                        "guidance instead, with the other flags passed on (see `python classifier.py --help`)")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     args = p.parse_args(argv)
+    args.given = checkpoint.flags_given(p, argv)  # on --resume, these override the checkpoint's configuration
     try:
         args.nfe = "any" if args.nfe == "any" else int(args.nfe)
     except ValueError:
@@ -171,7 +183,8 @@ def parse_args(argv=None):
     presets = [phase_preset(args.phase, args.nfe, args.repeat, model) if args.phase else {}, PRESETS[args.data],
                dict(pred="v" if multi_step else "x", ot_start=0.25 if multi_step else 0.2, ot_end=0.005,
                     grad_clip=5.0 if multi_step or args.repeat > 1 else 50.0, cg_scale=0.0, cg_t="0,0.1",
-                    augment_p=0.0, ema_reload_every=0, d_reload_on_stall=0)]
+                    cg_target_times=CG_TARGET_TIMES.get(args.nfe), augment_p=0.0, ema_reload_every=0,
+                    d_reload_on_stall=0)]
     for preset in presets:
         for name, value in preset.items():
             if getattr(args, name, None) is None:
@@ -196,10 +209,33 @@ def validate(args, world_size):
         raise ArgumentError("--repeat needs a 1-NFE generator (--nfe 1) and must be >= 1")
     if args.cg_scale > 0 and not args.classifier:
         raise ArgumentError("classifier guidance (--cg-scale > 0, or --phase 4) needs --classifier PATH; train "
-                             "one with `python train.py --train-classifier`")
+                             "one with `python classifier.py`")
+    if args.cg_scale > 0 and args.nfe == "any" and args.cg_target_times is not None:
+        raise ArgumentError("--cg-target-times picks among a K-step model's target times; --nfe any draws t "
+                             "continuously and guides every sample at t' = t (eq. 38): drop --cg-target-times")
+    if args.cg_scale > 0 and args.nfe not in (1, "any"):
+        check_target_times(args.cg_target_times, args.nfe)
     if args.d_reload_on_stall and not (args.fid_every and args.fid_ref):
         raise ArgumentError("--d-reload-on-stall (phases 3 and 4) watches the in-loop FID: pass --fid-every N "
                              "and --fid-ref STATS.npz, or --d-reload-on-stall 0")
+
+
+def check_target_times(text, nfe):
+    """--cg-target-times for a K-step generator: a comma-separated subset of its target times 0, 1/K, ..., 1 - 1/K
+    (any other time never occurs in training, so guidance there would silently do nothing)."""
+    targets = [k / nfe for k in range(nfe)]
+    listed = ", ".join(f"{t:g}" for t in targets)
+    if text is None:
+        raise ArgumentError(f"multi-step guidance needs --cg-target-times for --nfe {nfe} (the paper gives them for "
+                             f"2 and 4 NFE only): a comma-separated subset of {listed}")
+    try:
+        times = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise ArgumentError(f"--cg-target-times must be comma-separated numbers, got {text!r}") from None
+    for chosen in times:
+        if min(abs(chosen - t) for t in targets) > 1e-6:
+            raise ArgumentError(f"--cg-target-times {chosen:g} is not a target time of a {nfe}-step generator "
+                                 f"({listed})")
 
 
 def ot_scale_at(step, start, end, decay_steps):
@@ -357,53 +393,28 @@ def train_step(nets, args, x_d, y_d, x_g, y_g, ot_scale, autocast, augment=None,
 def make_guidance(args, device):
     """The flow-based classifier-guidance term for the G step, or None. The classifier is frozen, in eval mode,
     and runs inside the same autocast as D. 1-NFE: t' ~ U(lo, hi) with fresh noise (eq. 26). Multi-step: the
-    cross-entropy at t' = the target time t of each sample, on the chosen target times only (eq. 38)."""
+    cross-entropy at t' = the target time t of each sample, on the chosen target times only (eq. 38; Table 11);
+    any-step: the same on every sample, since its target times are continuous."""
     if args.cg_scale <= 0:
         return None
-    import classifier as classifier_file
-    classifier = classifier_file.load_classifier(args.classifier, device)
+    guide = classifier.load_classifier(args.classifier, device)
     if args.nfe == 1:
         t_lo, t_hi = (float(v) for v in args.cg_t.split(","))
-        return lambda fake, y, t: args.cg_scale * losses.classifier_guidance_loss(classifier, fake, y, t_lo, t_hi)
+        return lambda fake, y, t: args.cg_scale * losses.classifier_guidance_loss(guide, fake, y, t_lo, t_hi)
+    if args.nfe == "any":  # t ~ U(0, s) is continuous: every sample is guided at its own target time
+        return lambda fake, y, t: args.cg_scale * torch.nn.functional.cross_entropy(guide(fake, t), y)
     target_times = torch.tensor([float(v) for v in args.cg_target_times.split(",")], device=device)
 
     def multistep_guidance(fake, y, t):
         selected = (t[:, None] - target_times[None]).abs().min(dim=1).values < 1e-6  # (N,) bool
-        ce = torch.nn.functional.cross_entropy(classifier(fake, t), y, reduction="none")
+        ce = torch.nn.functional.cross_entropy(guide(fake, t), y, reduction="none")
         return args.cg_scale * (ce * selected).mean()
 
     return multistep_guidance
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Checkpoints and RNG state
-
-
-def rng_state():
-    np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-            "python": random.getstate()}
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-
-
-def gather_rng_states(world_size):
-    """Every rank's RNG state, on rank 0 (each rank draws its own noise)."""
-    if world_size == 1:
-        return [rng_state()]
-    states = [None] * world_size
-    dist.all_gather_object(states, rng_state())
-    return states
+# Checkpoints
 
 
 def checkpoint_state(nets, args, step, loader, rng_states, generator_kwargs, discriminator_kwargs):
@@ -440,14 +451,19 @@ def load_networks(nets, state, source):
         checkpoint.load_weights(module, state[name], what=f"{source} [{name}]")
 
 
-def restore(nets, state, loader, rank, world_size):
-    """Everything a checkpoint holds, so that the run continues exactly as if it had never stopped."""
+def restore(nets, state, loader, rank, world_size, args):
+    """Everything a checkpoint holds, so that the run continues exactly as if it had never stopped; then the
+    learning rates and weight decay of args, which --resume may have changed (an optimizer's state_dict carries
+    its own)."""
     load_networks(nets, state, "checkpoint")
     nets.opt_g.load_state_dict(state["opt_g"])
     nets.opt_d.load_state_dict(state["opt_d"])
+    for optimizer, lr in ((nets.opt_g, args.g_lr), (nets.opt_d, args.lr)):
+        for group in optimizer.param_groups:
+            group.update(lr=lr, weight_decay=args.weight_decay)
     loader.load_state_dict(state["data"])
     if len(state["rng"]) == world_size:
-        set_rng_state(state["rng"][rank])
+        checkpoint.set_rng_state(state["rng"][rank])
     else:
         print("warning: resuming with a different number of processes; random streams restart", file=sys.stderr)
         torch.manual_seed(state["step"] * 1000 + rank)
@@ -492,42 +508,6 @@ def grid_inputs(num_classes, shape, seed, device, per_class=8, max_classes=10):
 # The loop
 
 
-class StopFlag:
-    """SIGINT/SIGTERM: finish the step, save, exit 0. A second signal exits at once."""
-
-    def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self.handle)
-
-    def handle(self, signum, frame):
-        if self.requested:
-            os._exit(128 + signum)
-        self.requested = True
-        print(f"\n{signal.Signals(signum).name}: saving after this step (signal again to quit at once)",
-              file=sys.stderr, flush=True)
-
-    def agreed(self, device, world_size):
-        """Every rank stops at the same step: one rank's signal stops all."""
-        if world_size == 1:
-            return self.requested
-        flag = torch.tensor([float(self.requested)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-
-def check_out_dir(out_dir):
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise data.DataError(f"--out-dir {out_dir} exists and is not a directory")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        probe = os.path.join(out_dir, f".write-test{os.getpid()}")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        raise data.DataError(f"--out-dir {out_dir} is not writable ({e.strerror})") from None
-
-
 @torch.no_grad()
 def in_loop_fid(ema, args, inception, reference, decode, device, rank, world_size):
     """FID of --fid-samples class-balanced EMA samples against --fid-ref. Sample i always gets the noise of
@@ -555,15 +535,21 @@ def in_loop_fid(ema, args, inception, reference, decode, device, rank, world_siz
 
 def train(args):
     rank, world_size, device = setup_distributed(args.device)
+    given = set(vars(args).pop("given", ()))
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    resume_state = checkpoint.load(ckpt_path) if args.resume else None
+    if resume_state is not None:  # continue with the checkpoint's flags, except those typed now
+        args = argparse.Namespace(**checkpoint.resumed_config(
+            resume_state["config"], vars(args), given | {"out_dir", "resume"}, FIXED_ON_RESUME))
+        if "lr" in given and "g_lr" not in given:
+            args.g_lr = args.lr / args.repeat
     validate(args, world_size)
     main_process = rank == 0
     if main_process:
-        check_out_dir(args.out_dir)
+        checkpoint.check_out_dir(args.out_dir)
         for name in os.listdir(args.out_dir):  # left by a process killed while writing; never a checkpoint
             if name.startswith(".") and ".pt.tmp" in name:
                 os.remove(os.path.join(args.out_dir, name))
-    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    resume_state = checkpoint.load(ckpt_path) if args.resume else None
     autocast = set_precision(args.precision, device)
     np.random.seed(args.seed)
     random.seed(args.seed)
@@ -600,7 +586,7 @@ def train(args):
     torch.manual_seed(args.seed * 1000 + rank + 1)  # then each rank draws its own noise
     step, best_fid, evals_since_best, best_d = 0, None, 0, None
     if resume_state is not None:
-        restore(nets, resume_state, loader, rank, world_size)
+        restore(nets, resume_state, loader, rank, world_size, args)
         step, best_fid, evals_since_best = resume_state["step"], *resume_state["fid_tracking"]
         best_d = resume_state.get("best_D")
     else:
@@ -626,7 +612,7 @@ def train(args):
             json.dump(vars(args), f, indent=2)
     grid_noise, grid_labels = grid_inputs(num_classes, (in_channels, input_size, input_size), args.seed, device)
     log_file = open(os.path.join(args.out_dir, "log.jsonl"), "a") if main_process else None
-    stop = StopFlag()
+    stop = checkpoint.StopFlag()
     bad_steps, last_saved_step, pending = 0, (step if resume_state is not None else None), []
     progress = tqdm(total=args.max_steps, initial=step, disable=not main_process, dynamic_ncols=True)
     tic, tic_step = time.time(), step
@@ -639,8 +625,8 @@ def train(args):
                 progress.write(f"step {record['step']}: {record['event']}")
 
     def state_now():
-        state = checkpoint_state(nets, args, step, loader, gather_rng_states(world_size), generator_kwargs,
-                                 discriminator_kwargs)
+        rng_states = checkpoint.gather_rng_states(world_size)
+        state = checkpoint_state(nets, args, step, loader, rng_states, generator_kwargs, discriminator_kwargs)
         state["fid_tracking"] = [best_fid, evals_since_best]
         if best_d is not None:
             state["best_D"] = best_d
@@ -727,13 +713,13 @@ class Diverged(Exception):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--train-classifier" in argv:
+        classifier.main([a for a in argv if a != "--train-classifier"])
+        return
     args = parse_args(argv)
     try:
-        if args.train_classifier:
-            import classifier
-            classifier.train_classifier(args)
-        else:
-            train(args)
+        train(args)
     except Diverged as e:
         if args.debug:
             raise

@@ -3,6 +3,9 @@ archive and a PNG class folder), loading the result, and whether the classifier 
 
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -75,7 +78,8 @@ def test_cli_writes_checkpoint_and_per_noise_level_log(tmp_path, monkeypatch):
         assert key in state, key
     assert state["classifier_kwargs"] == dict(depth=4, hidden_size=128, num_heads=4, patch_size=4, input_size=32,
                                               in_channels=3, num_classes=10)
-    assert state["config"]["train_classifier"] and state["data"] == {"epoch": 0, "batch": 4}  # 4 of 5 batches
+    assert state["config"]["model"] == "T/4" and state["config"]["batch_size"] == 8  # the flags it ran with
+    assert state["data"] == {"epoch": 0, "batch": 4}  # 4 of 5 batches
     assert state["opt"]["param_groups"][0]["betas"] == (0.9, 0.95)
     assert state["opt"]["param_groups"][0]["weight_decay"] == 0.0
 
@@ -140,3 +144,22 @@ def test_resume_is_bitwise_exact(cifar, tmp_path):
             assert torch.equal(value, resumed["opt"]["state"][index][key]), f"opt.{index}.{key}"
     assert straight["data"] == resumed["data"]
     assert torch.equal(straight["rng"][0]["torch"], resumed["rng"][0]["torch"])
+
+
+def test_classifier_py_is_its_own_entry_point_without_train_py():
+    """No import cycle: classifier.py imports nothing from train.py (which imports classifier.py for guidance)."""
+    code = "import sys, classifier; assert 'train' not in sys.modules, 'classifier.py imported train.py'"
+    subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent, check=True)
+
+
+def test_resume_takes_a_new_learning_rate(cifar, tmp_path):
+    """--resume --lr reaches the optimizer (whose state_dict carries the old rate) and the log; the model cannot
+    change on resume."""
+    common = [*FAST, "--data-path", cifar, "--out-dir", str(tmp_path), "--log-every", "1"]
+    run([*common, "--max-steps", "2"])
+    state = run([*common, "--max-steps", "3", "--lr", "1e-3", "--resume"])
+    assert state["opt"]["param_groups"][0]["lr"] == state["config"]["lr"] == 1e-3
+    assert json.loads(open(tmp_path / "classifier_log.jsonl").readlines()[-1])["lr"] == 1e-3
+    with pytest.raises(SystemExit) as exit_info:
+        classifier.main([*common[1:], "--max-steps", "4", "--model", "S/4", "--resume"])
+    assert exit_info.value.code == 2

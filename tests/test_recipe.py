@@ -90,6 +90,32 @@ def test_multistep_guidance_only_on_the_chosen_target_times(tmp_path, monkeypatc
     assert torch.allclose(guidance(fake, y, t), expected)
 
 
+def test_multistep_guidance_target_times_default_to_table_11_and_are_checked():
+    def args(*flags):
+        return train.parse_args(["--classifier", "c.pt", "--cg-scale", "0.02", *flags])
+
+    assert args("--nfe", "2").cg_target_times == "0" and args("--nfe", "4").cg_target_times == "0,0.25"
+    for flags, message in [(("--nfe", "3"), "needs --cg-target-times for --nfe 3"),
+                           (("--nfe", "2", "--cg-target-times", "0.25"), "not a target time of a 2-step"),
+                           (("--nfe", "4", "--cg-target-times", "0;0.25"), "comma-separated numbers"),
+                           (("--nfe", "any", "--cg-target-times", "0"), "--nfe any draws t continuously")]:
+        with pytest.raises(train.ArgumentError, match=message):
+            train.validate(args(*flags), world_size=1)
+    train.validate(args("--nfe", "8", "--cg-target-times", "0,0.125"), world_size=1)
+    train.validate(args("--nfe", "any"), world_size=1)
+
+
+def test_any_step_guidance_applies_at_every_target_time(monkeypatch):
+    """--nfe any draws t ~ U(0, s): no two samples share a target time, so eq. 38 applies to every sample."""
+    classifier = frozen_classifier()
+    import classifier as classifier_file
+    monkeypatch.setattr(classifier_file, "load_classifier", lambda path, device: classifier)
+    guidance = train.make_guidance(train.parse_args(["--nfe", "any", "--classifier", "c.pt", "--cg-scale", "0.02"]),
+                                   torch.device("cpu"))
+    fake, y, t = torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,)), torch.tensor([0.0, 0.13, 0.5, 0.91])
+    assert torch.allclose(guidance(fake, y, t), 0.02 * F.cross_entropy(classifier(fake, t), y))
+
+
 def test_phases_set_table_11_for_xl2_1nfe():
     expected = {  # Table 11, XL/2 1-NFE rows: lambda_ot, learning rate, reloads, guidance
         1: dict(ot_start=0.2, ot_end=0.005, lr=1e-4, ema_reload_every=0, d_reload_on_stall=0, cg_scale=0.0,
@@ -159,7 +185,8 @@ def test_stall_reload_without_fid_is_refused(cifar, tmp_path, capsys):
 
 def test_the_four_phases_in_sequence_end_with_a_checkpoint_sample_py_reads(cifar, tmp_path, monkeypatch):
     """Phases 1 to 4, each --init-from the previous one, on small generated data; phase 4 guides with a classifier
-    trained by --train-classifier. The in-loop FID (which phases 3 and 4 watch for D reloads) is scripted."""
+    trained by classifier.py. The in-loop FID (which phases 3 and 4 watch for D reloads) is scripted."""
+    import classifier
     import sample
     scores = iter([3.0, 2.0, 2.5, 1.0, 1.5, 1.8])
     monkeypatch.setattr(train, "in_loop_fid", lambda *args: next(scores))
@@ -167,8 +194,8 @@ def test_the_four_phases_in_sequence_end_with_a_checkpoint_sample_py_reads(cifar
     reference = tmp_path / "ref.npz"
     np.savez(reference, mu=np.zeros(3), sigma=np.eye(3))
     fid_flags = ["--fid-every", "1", "--fid-ref", str(reference)]
-    train.main(["--train-classifier", "--data-path", cifar, "--out-dir", str(tmp_path / "cls"), "--max-steps", "2",
-                *FAST])
+    classifier.main(["--data-path", cifar, "--out-dir", str(tmp_path / "cls"), "--max-steps", "2",
+                     *FAST[:FAST.index("--sample-every")]])  # the GAN's flags without the sample grid
     previous = None
     for phase in (1, 2, 3, 4):
         out = tmp_path / f"p{phase}"

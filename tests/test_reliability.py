@@ -7,6 +7,7 @@ that starts with "error:"; no traceback) and what is left on disk. Training runs
 PNGs, batch 8), so a step takes a fraction of a second; most of the time goes to starting Python and torch.
 """
 
+import json
 import os
 import random
 import re
@@ -353,15 +354,19 @@ def test_resume_from_truncated_checkpoint(images, trained, tmp_path):
     assert (out / "ckpt.pt").read_bytes() == whole[:len(whole) // 2]
 
 
-def test_resume_with_another_model_names_the_first_mismatching_key(images, trained, tmp_path):
+def test_another_model_names_the_first_mismatching_key(images, trained, tmp_path):
+    """--init-from a checkpoint of another model: the line names the first key that does not fit. --resume with
+    another model is refused before any weights are compared (the model cannot change on resume)."""
     out = copy_checkpoint(trained, tmp_path)
     before = (out / "ckpt.pt").read_bytes()
     state = checkpoint.load(out / "ckpt.pt")
     other = Generator(**dict(state["generator_kwargs"], **MODELS["T/2"])).state_dict()
     first = next(key for key, value in other.items()
                  if key not in state["G"] or state["G"][key].shape != value.shape)
-    result = run("train.py", *tiny(images, out), "--resume", "--model", "T/2")
+    result = run("train.py", *tiny(images, tmp_path / "new"), "--init-from", out / "ckpt.pt", "--model", "T/2")
     assert_one_line_error(result, "does not fit", f"'{first}'")
+    result = run("train.py", *tiny(images, out), "--resume", "--model", "T/2")
+    assert_one_line_error(result, "--model", "cannot change on --resume", "T/4", "T/2")
     assert (out / "ckpt.pt").read_bytes() == before
 
 
@@ -550,6 +555,63 @@ def test_divergence_names_the_last_good_checkpoint_and_keeps_it(images, trained,
     assert checkpoint.load(out / "ckpt.pt")["step"] == 4, "the last good checkpoint was replaced during the bad steps"
     assert (out / "ckpt.pt").read_bytes() == good
     assert_one_line_error(result, "non-finite", "step 6", str(out / "ckpt.pt"), "step 4", code=3)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Resuming with other flags; the classifier's command line; guidance defaults
+
+
+def test_resume_takes_a_new_learning_rate_and_config_records_what_runs(images, trained, tmp_path):
+    """The divergence message says: lower --lr and resume. So --resume --lr must reach the optimizers (their
+    state_dict carries the old rate), the log must show it, and config.json must record what runs: the new lr,
+    and the checkpoint's values of the flags not typed again (TRAINED's --ckpt-every 1 and --keep 2)."""
+    out = copy_checkpoint(trained, tmp_path)
+    result = run("train.py", *tiny(images, out, "--max-steps", 6, "--lr", "1e-3"), "--resume")
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [r["step"] for r in records] == [5, 6]
+    assert all(r["lr_d"] == r["lr_g"] == 1e-3 for r in records), records
+    config = json.load(open(out / "config.json"))
+    assert config["lr"] == config["g_lr"] == 1e-3 and config["max_steps"] == 6
+    assert config["ckpt_every"] == 1 and config["keep"] == 2
+    assert checkpoint.load(out / "ckpt.pt")["config"] == config
+
+
+def test_resume_refuses_to_change_what_the_checkpoint_depends_on(images, trained, tmp_path):
+    """The batch size fixes the data position and the random streams: a new one is one line and exit 2, and the
+    checkpoint is left as it was. Repeating the same value (tiny() passes --model T/4 again) is fine."""
+    out = copy_checkpoint(trained, tmp_path)
+    before = (out / "ckpt.pt").read_bytes()
+    result = run("train.py", *tiny(images, out, "--max-steps", 6, "--batch-size", 4), "--resume")
+    assert_one_line_error(result, "--batch-size", "cannot change on --resume", "8", "4")
+    assert (out / "ckpt.pt").read_bytes() == before and not (out / "config.json").exists()
+
+
+CLASSIFIER = ("--data", "folder", "--image-size", "16", "--model", "T/4", "--batch-size", "8", "--num-workers", "0")
+
+
+def test_classifier_divergence_exits_3_through_both_commands(images, tmp_path):
+    """`python train.py --train-classifier` forwards to `python classifier.py`; a diverging classifier run is one
+    `error:` line and exit code 3 through either (train.py used to import itself twice and miss the exception)."""
+    flags = [*CLASSIFIER, "--data-path", images, "--max-steps", "50", "--lr", "1e30", "--max-bad-steps", "2"]
+    for result in (run("train.py", "--train-classifier", *flags, "--out-dir", tmp_path / "alias"),
+                   run("classifier.py", *flags, "--out-dir", tmp_path / "direct")):
+        assert_one_line_error(result, "non-finite", "lower --lr", code=3)
+
+
+def test_multistep_guidance_defaults_to_the_papers_target_times(images, tmp_path):
+    """`--nfe 2 --classifier C.pt --cg-scale 0.02` without --cg-target-times guides at t in {0} (Table 11); for a
+    step count the paper gives none for, the run stops with one line that says what to pass."""
+    made = run("classifier.py", *CLASSIFIER, "--data-path", images, "--max-steps", "1", "--out-dir", tmp_path / "c")
+    assert made.returncode == 0, made.stderr[-3000:]
+    guided = ("--classifier", tmp_path / "c" / "classifier.pt", "--cg-scale", "0.02")
+    out = tmp_path / "nfe2"
+    result = run("train.py", *tiny(images, out, "--max-steps", 2, "--nfe", 2, *guided))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.load(open(out / "config.json"))["cg_target_times"] == "0"
+    assert all("g_cg" in json.loads(line) for line in open(out / "log.jsonl"))
+    result = run("train.py", *tiny(images, tmp_path / "nfe3", "--max-steps", 2, "--nfe", 3, *guided))
+    assert_one_line_error(result, "--cg-target-times", "--nfe 3", "0, 0.333333, 0.666667")
 
 
 # ----------------------------------------------------------------------------------------------------------------
