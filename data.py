@@ -1,9 +1,10 @@
 """Data for AFM training: datasets, and an endless loader that resumes exactly.
 
-Three sources, each a map-style dataset indexed by an (index, flip) pair, so the horizontal flip is decided by the
+Four sources, each a map-style dataset indexed by an (index, flip) pair, so the horizontal flip is decided by the
 loader's seeded generator and not by worker processes:
 
-- CIFAR-10, read straight from the official python archive into memory       -> ArrayDataset (uint8 3x32x32)
+- CIFAR-10, from the official python archive or its extracted folder         -> ArrayDataset (uint8 3x32x32)
+- MNIST and Fashion-MNIST, from the four official IDX files                  -> ArrayDataset (uint8 1xSxS)
 - an image folder root/<class>/<image> (ImageNet's train layout), ADM crop   -> ImageFolder (uint8 3xSxS)
 - ImageNet latents extracted once by vae.py into one structured .npy file    -> LatentDataset (float32 4xhxw)
 
@@ -13,6 +14,7 @@ integers that make a resumed run see exactly the batches it would have seen. Bad
 meant for the user; an unreadable image is skipped with a warning.
 """
 
+import gzip
 import hashlib
 import math
 import os
@@ -22,6 +24,7 @@ import tarfile
 import time
 import urllib.error
 import urllib.request
+import zlib
 
 import numpy as np
 import torch
@@ -31,6 +34,35 @@ from tqdm import tqdm
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+CIFAR10_BATCH_MD5 = {  # the files of the extracted archive, cifar-10-batches-py/ (torchvision's layout)
+    "data_batch_1": "c99cafc152244af753f735de768cd75f", "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+    "data_batch_3": "54ebc095f3ab1f0389bbae665268c751", "data_batch_4": "634d18415352ddfa80567beed471001a",
+    "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb", "test_batch": "40351d587109b95175f43aff81a1287e",
+}
+# MNIST and Fashion-MNIST: where the four IDX files are published, and the MD5 of each .gz file there.
+IDX_SOURCES = {
+    "mnist": ("https://ossci-datasets.s3.amazonaws.com/mnist/", {  # the mirror of yann.lecun.com torchvision uses
+        "train-images-idx3-ubyte": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+        "train-labels-idx1-ubyte": "d53e105ee54ea40749a09fcbcd1e9432",
+        "t10k-images-idx3-ubyte": "9fb629c4189551a2d022fa330f9573f3",
+        "t10k-labels-idx1-ubyte": "ec29112dd5afa0611ce80d1b7f02629c"}),
+    "fashion-mnist": ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/", {
+        "train-images-idx3-ubyte": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+        "train-labels-idx1-ubyte": "25c81989df183df01b3e8a0aad5dffbe",
+        "t10k-images-idx3-ubyte": "bef4ecab320f06d8554ea6380940ec79",
+        "t10k-labels-idx1-ubyte": "bb300cfdad3c16e7a12a480ee83cd310"}),
+}
+# MD5 of the decompressed bytes, where known: a distribution that re-compresses the files changes the .gz checksum
+# but not this one. Read off Debian's dataset-fashion-mnist, whose .gz files carry a 2020 timestamp in their header.
+IDX_CONTENT_MD5 = {
+    "fashion-mnist": {"train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+                      "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
+                      "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
+                      "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965"},
+}
+# Where a dataset is found when --data-path is not given: ./data/<name>, then where Debian's package puts it.
+IDX_DEFAULT_DIRS = {"mnist": ["data/mnist"],
+                    "fashion-mnist": ["data/fashion-mnist", "/usr/share/datasets/fashion-mnist"]}
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")  # compared lower-case, so .JPEG counts
 
 
@@ -139,27 +171,56 @@ class _CifarUnpickler(pickle.Unpickler):
         return self.allowed[module, name]
 
 
-_verified_archives = set()  # (path, size, mtime): archives whose MD5 this process has checked
+_verified_files = set()  # (path, size, mtime): files whose checksum this process has checked
+
+
+def _check_md5(path, expected, complaint):
+    """Raise DataError(complaint) unless the file's MD5 is `expected`; each file is hashed once per process."""
+    stat = os.stat(path)
+    key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+    if key in _verified_files:
+        return
+    got = _file_digest(path, "md5")
+    if got != expected:
+        raise DataError(complaint.format(got=got))
+    _verified_files.add(key)
 
 
 def load_cifar10(root="./data", train=True, download=True):
     """CIFAR-10 as (images, labels): uint8 (N, 32, 32, 3) RGB and int64 (N,), N = 50000 (train) or 10000 (test).
 
-    Reads the official archive root/cifar-10-python.tar.gz (downloaded when missing) without extracting it.
+    Reads root/cifar-10-batches-py/ (the extracted archive, as torchvision leaves it) when that folder exists, each
+    file checked against its official MD5. Otherwise reads the official archive root/cifar-10-python.tar.gz
+    (downloaded when missing) without extracting it.
     """
+    names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+    folder = os.path.join(root, "cifar-10-batches-py")
+    if os.path.isdir(folder):
+        batches, source = {name: _read_cifar_batch(folder, name) for name in names}, folder
+    else:
+        batches, source = _read_cifar_archive(root, names, download), os.path.join(root, "cifar-10-python.tar.gz")
+
+    images, labels = [], []
+    for name in names:
+        batch = batches.get(name)
+        data = batch.get(b"data") if isinstance(batch, dict) else None
+        batch_labels = np.asarray(batch.get(b"labels", []) if isinstance(batch, dict) else [])
+        if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.shape[1:] == (3072,)
+                and batch_labels.shape == data.shape[:1] and np.isin(batch_labels, range(10)).all()):
+            raise DataError(f"{source} is not the CIFAR-10 archive ({name} is missing or malformed)")
+        images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # R, G, B planes -> (n, 32, 32, 3)
+        labels.append(batch_labels.astype(np.int64))
+    return np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels)
+
+
+def _read_cifar_archive(root, names, download):
+    """{name: unpickled batch} for the named members of root/cifar-10-python.tar.gz, read in memory."""
     path = os.path.join(root, "cifar-10-python.tar.gz")
     if not os.path.exists(path):
         if not download:
             raise DataError(f"CIFAR-10 is not in {root}. Download {CIFAR10_URL} and put it at {path}")
         _download(CIFAR10_URL, path, md5=CIFAR10_MD5, what="CIFAR-10")
-    stat = os.stat(path)
-    key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
-    if key not in _verified_archives:
-        if _file_digest(path, "md5") != CIFAR10_MD5:
-            raise DataError(f"{path} is not the CIFAR-10 archive (wrong MD5); delete it to download it again")
-        _verified_archives.add(key)
-
-    names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+    _check_md5(path, CIFAR10_MD5, f"{path} is not the CIFAR-10 archive (wrong MD5); delete it to download it again")
     batches = {}
     try:
         with tarfile.open(path, "r:gz") as archive:
@@ -169,18 +230,94 @@ def load_cifar10(root="./data", train=True, download=True):
                     batches[name] = _CifarUnpickler(archive.extractfile(member), encoding="bytes").load()
     except Exception as error:  # the archive is untrusted: anything going wrong in it means it is bad
         raise DataError(f"{path} is not a readable CIFAR-10 archive ({error})") from None
+    return batches
 
-    images, labels = [], []
-    for name in names:
-        batch = batches.get(name)
-        data = batch.get(b"data") if isinstance(batch, dict) else None
-        batch_labels = np.asarray(batch.get(b"labels", []) if isinstance(batch, dict) else [])
-        if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.shape[1:] == (3072,)
-                and batch_labels.shape == data.shape[:1] and np.isin(batch_labels, range(10)).all()):
-            raise DataError(f"{path} is not the CIFAR-10 archive ({name} is missing or malformed)")
-        images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # R, G, B planes -> (n, 32, 32, 3)
-        labels.append(batch_labels.astype(np.int64))
-    return np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels)
+
+def _read_cifar_batch(folder, name):
+    """One file of the extracted archive, checked against its official MD5 before it is unpickled."""
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+        raise DataError(f"{path} is missing: a CIFAR-10 folder holds data_batch_1 ... data_batch_5 and test_batch")
+    _check_md5(path, CIFAR10_BATCH_MD5[name], f"{path} has MD5 {{got}}, not the official "
+                                              f"{CIFAR10_BATCH_MD5[name]}: the file is damaged or not CIFAR-10's")
+    try:
+        with open(path, "rb") as file:
+            return _CifarUnpickler(file, encoding="bytes").load()
+    except Exception as error:
+        raise DataError(f"{path} is not a readable CIFAR-10 batch ({error})") from None
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# MNIST and Fashion-MNIST
+
+
+def find_idx_folder(name, data_path):
+    """The folder that holds `name`'s IDX files: --data-path, else the first default folder that has them."""
+    if data_path:
+        return data_path
+    for folder in IDX_DEFAULT_DIRS[name]:
+        if all(os.path.exists(os.path.join(folder, f)) or os.path.exists(os.path.join(folder, f + ".gz"))
+               for f in IDX_SOURCES[name][1]):
+            return folder
+    return IDX_DEFAULT_DIRS[name][0]
+
+
+def load_idx_dataset(name, root, train=True, download=True):
+    """MNIST or Fashion-MNIST as (images, labels): uint8 (N, 28, 28) and int64 (N,), N = 60000 or 10000.
+
+    Reads the official IDX files from root, gzipped (train-images-idx3-ubyte.gz, ...) or not, downloading the
+    missing ones. A .gz file must match its official MD5 or, re-compressed, the MD5 of the official contents.
+    """
+    prefix = "train" if train else "t10k"
+    images = _read_idx(name, root, f"{prefix}-images-idx3-ubyte", download)
+    labels = _read_idx(name, root, f"{prefix}-labels-idx1-ubyte", download)
+    if images.ndim != 3 or images.shape[1:] != (28, 28) or labels.shape != images.shape[:1]:
+        raise DataError(f"the {name} files in {root} do not match: images {images.shape}, labels {labels.shape}")
+    if labels.max() > 9:
+        raise DataError(f"{root}/{prefix}-labels-idx1-ubyte has labels above 9: not {name}")
+    return images, labels.astype(np.int64)
+
+
+def _read_idx(name, root, file, download):
+    """One IDX file -> numpy array. Format: 2 zero bytes, a type byte (0x08: uint8), the number of dimensions,
+    then each dimension as a big-endian int32, then the values."""
+    base_url, gz_md5 = IDX_SOURCES[name]
+    content_md5 = IDX_CONTENT_MD5.get(name, {}).get(file)
+    path = os.path.join(root, file)
+    if not os.path.exists(path + ".gz") and not os.path.exists(path):
+        if not download:
+            raise DataError(f"{file}.gz of {name} is not in {root}. Download {base_url}{file}.gz and put it there")
+        _download(base_url + file + ".gz", path + ".gz", md5=gz_md5[file], what=f"{file}.gz of {name}")
+    compressed = os.path.exists(path + ".gz")  # the .gz when both are there: its checksum is always known
+    path = path + ".gz" if compressed else path
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        content = gzip.decompress(raw) if compressed else raw
+    except (OSError, EOFError, zlib.error) as error:
+        raise DataError(f"{path} is not a readable gzip file ({error})") from None
+    official = ((compressed and hashlib.md5(raw).hexdigest() == gz_md5[file])
+                or (content_md5 is not None and hashlib.md5(content).hexdigest() == content_md5))
+    if not official:
+        expected = f"the official {gz_md5[file]}" + (f" (contents: {content_md5})" if content_md5 else "")
+        raise DataError(f"{path} has MD5 {hashlib.md5(raw).hexdigest()}, not {expected}: the file is damaged "
+                        f"or not {name}'s {file}")
+    if len(content) < 4 or content[:3] != b"\x00\x00\x08":
+        raise DataError(f"{path} is not an IDX file of bytes")
+    ndim = content[3]
+    shape = tuple(int(d) for d in np.frombuffer(content, dtype=">i4", count=ndim, offset=4))
+    if len(content) != 4 + 4 * ndim + math.prod(shape):
+        raise DataError(f"{path} is truncated: its header says {shape}")
+    return np.frombuffer(content, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def fit_to_size(images, size):
+    """uint8 (N, 28, 28) -> (N, size, size): padded with black to a larger size, box-resized to a smaller one."""
+    height = images.shape[1]
+    if size >= height:
+        before = (size - height) // 2
+        return np.pad(images, ((0, 0), (before, size - height - before), (before, size - height - before)))
+    return np.stack([np.array(Image.fromarray(image).resize((size, size), Image.BOX)) for image in images])
 
 
 class ArrayDataset(Dataset):
@@ -206,7 +343,7 @@ class ArrayDataset(Dataset):
 
 
 def center_crop_arr(pil_image, image_size):
-    """ADM's resize and center crop: PIL image -> uint8 (image_size, image_size, 3).
+    """ADM's resize and center crop: PIL image -> uint8 (image_size, image_size[, 3]).
 
     Halve with a box filter while the short side is at least twice the target (cheap, alias-free), then bicubic to
     make the short side exactly image_size, then cut the central square.
@@ -221,7 +358,10 @@ def center_crop_arr(pil_image, image_size):
 
 
 class ImageFolder(Dataset):
-    """Images in root/<class>/<file>; item (index, flip) -> (uint8 (3, S, S), label), S = image_size.
+    """Images in root/<class>/<file>; item (index, flip) -> (uint8 (C, S, S), label), S = image_size.
+
+    C is 1 when the first image is grayscale (PIL mode L, 1, I or I;16): every image is then read as grayscale.
+    Otherwise C = 3 and every image is read as RGB.
 
     Classes are the sorted subfolder names (.classes); label i is .classes[i]. An unreadable image is skipped: the item
     is the next readable one, and a warning names the bad file once.
@@ -240,6 +380,12 @@ class ImageFolder(Dataset):
             self.samples += [(os.path.join(root, name, f), label) for f in files]
         if not self.samples:
             raise DataError(f"no image files in the class folders of {root}")
+        self.channels = 3
+        try:
+            with Image.open(self.samples[0][0]) as first:
+                self.channels = 1 if first.mode in ("1", "L", "I", "I;16") else 3
+        except Exception:  # unreadable: _load reports it; the folder is read as RGB
+            pass
         self._warned = set()  # unreadable files already reported by __getitem__
 
     def __len__(self):
@@ -264,11 +410,11 @@ class ImageFolder(Dataset):
             path, label = self.samples[(index + offset) % len(self.samples)]
             try:
                 with Image.open(path) as file:
-                    image = file.convert("RGB")  # decodes; PIL raises OSError, SyntaxError, ... on broken files
+                    image = file.convert("L" if self.channels == 1 else "RGB")  # decodes; raises on broken files
             except Exception as error:
                 skipped.append((path, str(error).splitlines()[0] if str(error) else type(error).__name__))
                 continue
-            array = center_crop_arr(image, self.image_size)  # (S, S, 3)
+            array = center_crop_arr(image, self.image_size).reshape(self.image_size, self.image_size, -1)  # (S, S, C)
             if flip:
                 array = array[:, ::-1]
             return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))), label, tuple(skipped)
@@ -324,14 +470,17 @@ def make_dataset(name, data_path, image_size):
     if name == "cifar10":
         images, labels = load_cifar10(data_path or "./data")
         return ArrayDataset(images, labels), 10, 3, 32
+    if name in IDX_SOURCES:  # 28-px grayscale, fitted to the model's size
+        images, labels = load_idx_dataset(name, find_idx_folder(name, data_path))
+        return ArrayDataset(fit_to_size(images, image_size)[..., None], labels), 10, 1, image_size
     if name not in ("folder", "imagenet"):
-        raise DataError(f"unknown dataset {name!r} (choose cifar10, folder or imagenet)")
+        raise DataError(f"unknown dataset {name!r} (choose cifar10, mnist, fashion-mnist, folder or imagenet)")
     if not data_path:
         raise DataError(f"dataset {name} needs a data path: a folder of class folders"
                         + (" or a latent .npy file" if name == "imagenet" else ""))
     if name == "folder":
         dataset = ImageFolder(data_path, image_size)
-        return dataset, len(dataset.classes), 3, image_size
+        return dataset, len(dataset.classes), dataset.channels, image_size
     if data_path.endswith(".npy"):
         dataset = LatentDataset(data_path)
         channels, size, _ = dataset.latent_shape

@@ -1,5 +1,6 @@
 """Tests for data.py, on small data written in the real on-disk formats."""
 
+import gzip
 import hashlib
 import io
 import os
@@ -193,6 +194,148 @@ def test_load_cifar10_rejects_malformed_batch(tmp_path, monkeypatch):
         data.load_cifar10(str(tmp_path), download=False)
 
 
+def write_cifar_folder(root, per_batch=4, replace=None):
+    """The extracted archive, root/cifar-10-batches-py/ (torchvision's layout) -> {file: its MD5}."""
+    folder = root / "cifar-10-batches-py"
+    os.makedirs(folder, exist_ok=True)
+    members = {f"data_batch_{i}": py2_pickle(cifar_batch((i - 1) * per_batch, per_batch)) for i in range(1, 6)}
+    members["test_batch"] = py2_pickle(cifar_batch(100, per_batch))
+    members.update(replace or {})
+    for name, payload in members.items():
+        (folder / name).write_bytes(payload)
+    return {name: hashlib.md5(payload).hexdigest() for name, payload in members.items()}
+
+
+def test_load_cifar10_extracted_folder_matches_the_archive(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "CIFAR10_MD5", write_cifar(tmp_path / "archive"))
+    monkeypatch.setattr(data, "CIFAR10_BATCH_MD5", write_cifar_folder(tmp_path / "extracted"))
+    for train in (True, False):
+        from_archive = data.load_cifar10(str(tmp_path / "archive"), train=train, download=False)
+        from_folder = data.load_cifar10(str(tmp_path / "extracted"), train=train, download=False)
+        assert all(np.array_equal(a, b) for a, b in zip(from_archive, from_folder))
+
+
+def test_load_cifar10_extracted_folder_names_the_bad_file(tmp_path, monkeypatch):
+    md5 = write_cifar_folder(tmp_path)
+    monkeypatch.setattr(data, "CIFAR10_BATCH_MD5", dict(md5, data_batch_4="0" * 32))
+    with pytest.raises(DataError) as raised:
+        data.load_cifar10(str(tmp_path), download=False)
+    message = str(raised.value)
+    assert message.startswith(str(tmp_path / "cifar-10-batches-py" / "data_batch_4") + " has MD5 " + md5["data_batch_4"])
+    assert "not the official " + "0" * 32 in message and "\n" not in message
+    os.remove(tmp_path / "cifar-10-batches-py" / "test_batch")
+    monkeypatch.setattr(data, "CIFAR10_BATCH_MD5", md5)
+    with pytest.raises(DataError, match="test_batch is missing"):
+        data.load_cifar10(str(tmp_path), train=False, download=False)
+
+
+def test_load_cifar10_extracted_folder_with_the_official_checksums_rejects_our_files(tmp_path):
+    write_cifar_folder(tmp_path)  # the real table of official MD5s: synthetic files must fail it
+    with pytest.raises(DataError, match="data_batch_1 has MD5 .* not the official c99cafc152244af753f735de768cd75f"):
+        data.load_cifar10(str(tmp_path), download=False)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# MNIST and Fashion-MNIST: the IDX format
+
+
+def idx_bytes(array):
+    """The IDX format: 0, 0, type 0x08 (uint8), number of dimensions, big-endian int32 sizes, then the bytes."""
+    return bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}i", *array.shape) + array.tobytes()
+
+
+def write_idx_set(root, n_train=12, n_test=6, compress=True):
+    """Four IDX files like the official ones: image i has value i everywhere; label i % 10. -> {file: MD5}."""
+    os.makedirs(root, exist_ok=True)
+    md5 = {}
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = np.broadcast_to(np.arange(n, dtype=np.uint8)[:, None, None], (n, 28, 28)).copy()
+        for kind, array in (("images-idx3", images), ("labels-idx1", (np.arange(n) % 10).astype(np.uint8))):
+            name = f"{prefix}-{kind}-ubyte"
+            payload = gzip.compress(idx_bytes(array), mtime=0) if compress else idx_bytes(array)
+            (root / (name + (".gz" if compress else ""))).write_bytes(payload)
+            md5[name] = hashlib.md5(payload).hexdigest()
+    return md5
+
+
+def test_load_idx_dataset_reads_the_official_format(tmp_path, monkeypatch):
+    url, _ = data.IDX_SOURCES["mnist"]
+    monkeypatch.setitem(data.IDX_SOURCES, "mnist", (url, write_idx_set(tmp_path)))
+    images, labels = data.load_idx_dataset("mnist", str(tmp_path), download=False)
+    assert images.shape == (12, 28, 28) and images.dtype == np.uint8 and labels.dtype == np.int64
+    assert (images == np.arange(12)[:, None, None]).all() and labels.tolist() == [i % 10 for i in range(12)]
+    test_images, test_labels = data.load_idx_dataset("mnist", str(tmp_path), train=False, download=False)
+    assert test_images.shape == (6, 28, 28) and test_labels.tolist() == list(range(6))
+
+
+def test_load_idx_dataset_accepts_recompressed_files_by_their_contents(tmp_path, monkeypatch):
+    contents = write_idx_set(tmp_path / "raw", compress=False)  # MD5s of the uncompressed bytes
+    write_idx_set(tmp_path / "gz")
+    url, _ = data.IDX_SOURCES["fashion-mnist"]
+    monkeypatch.setitem(data.IDX_SOURCES, "fashion-mnist", (url, {name: "0" * 32 for name in contents}))
+    monkeypatch.setitem(data.IDX_CONTENT_MD5, "fashion-mnist", contents)
+    for folder in ("raw", "gz"):  # uncompressed files, and a .gz whose own MD5 is not the official one
+        images, labels = data.load_idx_dataset("fashion-mnist", str(tmp_path / folder), download=False)
+        assert images.shape == (12, 28, 28) and len(labels) == 12
+
+
+def test_load_idx_dataset_bad_files(tmp_path, monkeypatch, no_sleep):
+    md5 = write_idx_set(tmp_path)
+    url, _ = data.IDX_SOURCES["mnist"]
+    with pytest.raises(DataError) as raised:  # the real table of official MD5s: our files must fail it
+        data.load_idx_dataset("mnist", str(tmp_path), download=False)
+    message = str(raised.value)
+    assert message.startswith(f"{tmp_path}/train-images-idx3-ubyte.gz has MD5 {md5['train-images-idx3-ubyte']}, "
+                              f"not the official f68b3c2dcbeaaa9fbdd348bbdeb94873")
+
+    monkeypatch.setitem(data.IDX_SOURCES, "mnist", (url, md5))
+    labels = tmp_path / "train-labels-idx1-ubyte.gz"
+    labels.write_bytes(gzip.compress(idx_bytes(np.full(12, 11, np.uint8)), mtime=0))
+    monkeypatch.setitem(data.IDX_SOURCES, "mnist", (url, dict(md5, **{"train-labels-idx1-ubyte": hashlib.md5(
+        labels.read_bytes()).hexdigest()})))
+    with pytest.raises(DataError, match="labels above 9"):
+        data.load_idx_dataset("mnist", str(tmp_path), download=False)
+
+    truncated = gzip.compress(idx_bytes(np.zeros((12, 28, 28), np.uint8))[:-5], mtime=0)
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(truncated)
+    monkeypatch.setitem(data.IDX_SOURCES, "mnist", (url, dict(md5, **{"train-images-idx3-ubyte": hashlib.md5(
+        truncated).hexdigest()})))
+    with pytest.raises(DataError, match="truncated"):
+        data.load_idx_dataset("mnist", str(tmp_path), download=False)
+
+    def offline(request, timeout=None):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(data.urllib.request, "urlopen", offline)
+    with pytest.raises(DataError) as raised:
+        data.load_idx_dataset("mnist", str(tmp_path / "empty"))
+    message = str(raised.value)
+    assert message.startswith(f"train-images-idx3-ubyte.gz of mnist is not in {tmp_path / 'empty'} and could not be "
+                              f"downloaded") and message.endswith(f"Download {url}train-images-idx3-ubyte.gz and put "
+                                                                  f"it at {tmp_path / 'empty'}/train-images-idx3-ubyte.gz")
+
+
+def test_fit_to_size_pads_with_black_and_box_resizes():
+    images = np.full((2, 28, 28), 200, np.uint8)
+    padded = data.fit_to_size(images, 32)
+    assert padded.shape == (2, 32, 32) and (padded[:, 2:30, 2:30] == 200).all() and padded.sum() == 2 * 28 * 28 * 200
+    assert data.fit_to_size(images, 28) is images or np.array_equal(data.fit_to_size(images, 28), images)
+    assert (data.fit_to_size(images, 14) == 200).all() and data.fit_to_size(images, 14).shape == (2, 14, 14)
+
+
+FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+
+
+@pytest.mark.skipif(not os.path.isdir(FASHION_MNIST), reason="the real Fashion-MNIST files are not installed "
+                    "(apt-get install dataset-fashion-mnist)")
+def test_real_fashion_mnist_passes_its_checksums():
+    images, labels = data.load_idx_dataset("fashion-mnist", FASHION_MNIST, download=False)
+    assert images.shape == (60000, 28, 28) and np.bincount(labels).tolist() == [6000] * 10
+    dataset, classes, channels, size = data.make_dataset("fashion-mnist", None, 32)  # found without --data-path
+    assert len(dataset) == 60000 and (classes, channels, size) == (10, 1, 32)
+    assert dataset[(0, False)][0].shape == (1, 32, 32) and labels[0] == dataset[(0, False)][1] == 9
+
+
 # -----------------------------------------------------------------------------------------------------------------
 # download
 
@@ -325,6 +468,18 @@ def test_image_folder_classes_files_crop_and_flip(folder):
     assert dataset[(3, False)][0].shape == (3, 16, 16)  # 20x30 portrait JPEG
 
 
+def test_image_folder_of_grayscale_images_has_one_channel(tmp_path):
+    for label in ("0", "1"):
+        Image.fromarray(noise(28, 28, int(label))[..., 0]).save(tmp_path / f"digit{label}.png")  # mode L
+        os.makedirs(tmp_path / "digits" / label)
+        os.replace(tmp_path / f"digit{label}.png", tmp_path / "digits" / label / "a.png")
+    dataset, classes, channels, size = data.make_dataset("folder", str(tmp_path / "digits"), 32)
+    image, _ = dataset[(1, False)]
+    assert (classes, channels, size) == (2, 1, 32) and image.shape == (1, 32, 32)
+    expected = data.center_crop_arr(Image.open(tmp_path / "digits" / "1" / "a.png"), 32)
+    assert torch.equal(image[0], torch.from_numpy(expected))
+
+
 def test_image_folder_skips_unreadable_images_with_one_warning(folder, capsys):
     dataset = ImageFolder(str(folder), 8)
     with pytest.raises(OSError):  # the truncated file really is unreadable, yet opens (PIL decodes lazily)
@@ -429,8 +584,8 @@ def test_make_dataset(tmp_path, monkeypatch, folder):
     for name in ("folder", "imagenet"):
         with pytest.raises(DataError, match="needs a data path"):
             data.make_dataset(name, None, 32)
-    with pytest.raises(DataError, match="unknown dataset 'mnist'"):
-        data.make_dataset("mnist", None, 32)
+    with pytest.raises(DataError, match="unknown dataset 'svhn'"):
+        data.make_dataset("svhn", None, 32)
 
 
 # -----------------------------------------------------------------------------------------------------------------
