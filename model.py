@@ -9,7 +9,7 @@ AFM trains a standard, unmodified DiT (Peebles & Xie, 2023) adversarially (paper
 All three share one backbone: patchify -> add fixed 2-D sin-cos positions -> N transformer blocks whose
 LayerNorms are modulated by a conditioning vector c (adaLN-Zero) -> a read-out head. They differ only in what
 goes into c and in the head. Parameter names follow the authors' code, so their released generator state dicts
-load with strict=True (SPEC section 4).
+load with strict=True (paper secs. 3.7-3.8; the authors' released code and weights).
 
 Conditioning, per network:
     Generator, 1-NFE         c = emb(y)                                   (no time embedder at all)

@@ -1,4 +1,4 @@
-"""The paper's 1-D demonstration: an adversarial flow model learns the optimal-transport map (PAPER.md secs. 3, 13).
+"""The paper's 1-D demonstration: an adversarial flow model learns the W2-optimal map (paper Fig. 1, sec. 3.2).
 
 The question. A GAN generator G pushes the prior N(0, 1) onto the data distribution. Infinitely many maps do that:
 any rearrangement of the prior's mass between the data modes matches the marginal just as well. Its adversarial
@@ -105,8 +105,8 @@ def optimal_map(z, iterations=64):
 # Networks
 #
 # The authors used MLPs with 4 hidden layers of width 1024, every scalar input sinusoidally encoded (64 dims, value
-# x 100), trained for 10,000 steps at batch 1024 and lr 1e-4 (PAPER.md sec. 13). That is ~500x the compute of
-# this script's 2-minute CPU budget, so both networks here have 3 hidden layers of width 128 and train for 5,000
+# x 100), trained for 10,000 steps at batch 1024 and lr 1e-4 (their public notebook of Figs. 1-3). That is ~500x
+# the compute of this script's 2-minute CPU budget, so both networks here have 3 hidden layers of width 128 and train for 5,000
 # steps at batch 256 and lr 1e-3. D keeps the authors' sinusoidal encoding, which it needs to see the narrow modes
 # (a plain MLP on the raw scalar is smooth, and took thousands of steps before its loss left log 2), at value x 20:
 # wavelengths down to 0.3 rather than 0.06, enough for 0.05-wide modes (x 100 did a little worse in our short

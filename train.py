@@ -1,6 +1,6 @@
 """Train an Adversarial Flow Model.
 
-    python train.py                                    # tiny model, CIFAR-10, pixel space, on this laptop
+    python train.py                                    # tiny model, CIFAR-10, pixel space, on one CPU or GPU
     torchrun --nproc_per_node=8 train.py --data imagenet --data-path latents.npy --model XL/2   # the paper
 
 One step is one discriminator update followed by one generator update (paper sec. 3.1; TTUR 1:1), each on its own

@@ -14,7 +14,7 @@ DATA = Path(__file__).resolve().parent / "data"
 
 import model  # noqa: E402
 
-# Fixture case name -> the class its state dict belongs to (fixtures/README.md).
+# Fixture case name -> the class its state dict belongs to (tests/data/README.md).
 CASE_CLASS = {
     "gen_1nfe": "Generator", "gen_multi": "Generator", "gen_any": "Generator",
     "gen_deep2": "Generator", "gen_deep4": "Generator",

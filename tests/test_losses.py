@@ -1,4 +1,4 @@
-"""losses.py: the terms (SPEC sections 3 and 5) and the composed D and G objectives, checked against hand
+"""losses.py: the terms (paper secs. 3.1-3.4, eqs. 1-23) and the composed D and G objectives, checked against hand
 computations, autograd, and recordings of what the networks were actually called with."""
 
 import math

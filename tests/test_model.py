@@ -1,4 +1,4 @@
-"""model.py: compatibility with the authors' checkpoints (SPEC section 4), sizes, positions, init, depth repetition."""
+"""model.py: compatibility with the authors' checkpoints (paper sec. 3.7), sizes, positions, init, depth repetition."""
 
 import math
 import re
@@ -10,7 +10,7 @@ import torch
 import model
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# Fixture case name -> its class and how it is called on the fixture's inputs (fixtures/README.md).
+# Fixture case name -> its class and how it is called on the fixture's inputs (tests/data/README.md).
 CASE_CLASS = {
     "gen_1nfe": "Generator", "gen_multi": "Generator", "gen_any": "Generator",
     "gen_deep2": "Generator", "gen_deep4": "Generator",
