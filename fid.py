@@ -48,6 +48,7 @@ WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_we
 # SHA-256 of that file (95,628,359 bytes); its first 8 hex digits are the "6726825d" in the name (torch.hub's habit).
 WEIGHTS_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
 FEATURE_DIM = 2048
+TRAINING_SETS = ("cifar10", "mnist", "fashion-mnist")  # sources named by dataset instead of by path
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm"}
 
 
@@ -420,20 +421,25 @@ def iterate_folder(paths, batch_size):
         yield np.stack(batch)
 
 
-def load_cifar10_train(root):
+def load_training_set(name, root):
+    """The training images of cifar10, mnist or fashion-mnist as uint8 (N, S, S, 3): S = 32 for CIFAR-10 and 28
+    for the MNISTs, whose gray levels are replicated to RGB, as sample.py writes them."""
     import data  # imported here, so that FID on .npz files and folders needs nothing else of ours
     try:
-        images, _ = data.load_cifar10(root)  # uint8 (50000, 32, 32, 3)
+        if name == "cifar10":
+            return data.load_cifar10(root or "./data")[0]  # uint8 (50000, 32, 32, 3)
+        images, _ = data.load_idx_dataset(name, data.find_idx_folder(name, root))  # uint8 (60000, 28, 28)
     except data.DataError as e:  # e.g. offline and not downloaded yet: one line, like our own errors
         raise FidError(str(e)) from e
-    return images
+    return np.repeat(images[..., None], 3, axis=3)
 
 
-def source_statistics(source, get_model, batch_size, device, data_root="data"):
-    """mu, sigma of a source: an .npz (arr_0 images, or mu/sigma), an image folder, or "cifar10"."""
+def source_statistics(source, get_model, batch_size, device, data_root=None):
+    """mu, sigma of a source: an .npz (arr_0 images, or mu/sigma), an image folder, or the name of a training set
+    ("cifar10", "mnist", "fashion-mnist"; data_root None: where train.py looks)."""
     path = Path(source)
-    if source == "cifar10" and not path.exists():
-        images = load_cifar10_train(data_root)
+    if source in TRAINING_SETS and not path.exists():
+        images = load_training_set(source, data_root)
         batches, total = iterate_array(images, batch_size), -(-len(images) // batch_size)
     elif path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
@@ -450,7 +456,7 @@ def source_statistics(source, get_model, batch_size, device, data_root="data"):
             count = read_images_header(f, path)[0]  # checked now, before the network is loaded
         batches, total = iterate_npz(path, batch_size), -(-count // batch_size)
     else:
-        raise FidError(f"{source}: not an .npz file, an image folder or 'cifar10'")
+        raise FidError(f"{source}: not an .npz file, an image folder or one of {', '.join(TRAINING_SETS)}")
     return compute_statistics(batches, get_model(), device, total=total)
 
 
@@ -485,14 +491,16 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="FID between two image sets, or the statistics of one.")
-    parser.add_argument("sources", nargs="+", help="two sets (or one with --stats): .npz, image folder, or cifar10")
+    parser.add_argument("sources", nargs="+", help="two sets (or one with --stats): .npz, image folder, or a "
+                                                    "training set: cifar10, mnist, fashion-mnist")
     parser.add_argument("--stats", metavar="OUT.npz", help="write mu and sigma of the one source to OUT.npz")
     parser.add_argument("--weights", type=Path, help="FID Inception weights file (default: download, see above)")
     parser.add_argument("--resize", choices=["tf1", "pytorch"], default="tf1",
                         help="tf1: ADM / torch-fidelity numbers (default); pytorch: pytorch-fid numbers")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--data-root", default="data", help="where the cifar10 source lives (default: data)")
+    parser.add_argument("--data-root", default=None, help="where a training-set source lives (default: where "
+                                                          "train.py looks: ./data, ./data/<name>, ...)")
     parser.add_argument("--debug", action="store_true", help="show the traceback on errors")
     args = parser.parse_args(argv)
     if len(args.sources) != (1 if args.stats else 2):

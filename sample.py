@@ -87,13 +87,15 @@ def load_generator(args):
 
 
 def to_uint8(images):
-    """[-1, 1] float (N, C, H, W) -> uint8 (N, H, W, C), rounded to nearest (never floored)."""
+    """[-1, 1] float (N, C, H, W) -> uint8 RGB (N, H, W, 3), rounded to nearest (never floored). One channel
+    (MNIST, Fashion-MNIST) is replicated to three, as PNG viewers and the FID Inception expect."""
+    images = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
     return ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
 def make_decoder(generator, vae_path, device):
     """Latent generators need the SD-VAE to become images (decoded in fp32, as the paper does)."""
-    if generator.in_channels == 3:
+    if generator.in_channels != 4:  # pixels: 3 channels, or 1 for grayscale
         return lambda x: x
     if vae_path is None:
         raise SampleError("this generator works in the SD-VAE latent space: pass --vae PATH "
@@ -144,7 +146,7 @@ def sample_npz(args, generator, decode, nfe, pred, device, rank, world_size):
     N, num_classes, B = args.num_samples, generator.num_classes, args.batch_size
     labels = np.arange(N) % num_classes  # class-balanced: N / num_classes per class
     batches = list(range(rank, (N + B - 1) // B, world_size))
-    H = generator.input_size * (1 if generator.in_channels == 3 else 8)
+    H = generator.input_size * (8 if generator.in_channels == 4 else 1)  # SD-VAE latents decode at 8x
     part_path = f"{args.npz}.part{rank}.npy"
     part = np.lib.format.open_memmap(part_path, mode="w+", dtype=np.uint8, shape=(len(batches) * B, H, H, 3))
     from tqdm import tqdm

@@ -40,6 +40,7 @@ import classifier
 import data
 import fid
 import losses
+import quality
 import vae
 from augment import PairedAugment
 from gradnorm import GradientNormalization
@@ -55,6 +56,12 @@ PRESETS = {
     # CIFAR-10 sits in memory, so reading it needs no worker processes.
     "cifar10": dict(model="T/4", image_size=32, batch_size=32, lr=2e-4, max_steps=20_000, ema_decay=0.999,
                     ot_decay_steps=2_000, ckpt_every=1000, sample_every=1000, log_every=50, num_workers=0),
+    "mnist": dict(model="T/4", image_size=28, batch_size=32, lr=2e-3, max_steps=20_000, ema_decay=0.99, ema_warmup=10,
+                  ot_start=0.05, ot_end=0.005, ot_decay_steps=500, flip=False, judge_every=100, ckpt_every=500,
+                  sample_every=200, log_every=25, num_workers=0),
+    "fashion-mnist": dict(model="T/4", image_size=28, batch_size=32, lr=2e-3, max_steps=20_000, ema_decay=0.99,
+                          ema_warmup=10, ot_start=0.05, ot_end=0.005, ot_decay_steps=500, flip=False,
+                          judge_every=100, ckpt_every=500, sample_every=200, log_every=25, num_workers=0),
     "folder": dict(model="T/4", image_size=32, batch_size=32, lr=2e-4, max_steps=20_000, ema_decay=0.999,
                    ot_decay_steps=2_000, ckpt_every=1000, sample_every=1000, log_every=50, num_workers=4),
     # The paper (Table 10/11, phase 1): XL/2 on SD-VAE latents, batch 256, lr 1e-4, EMA 0.9999, lambda_ot decayed
@@ -106,9 +113,9 @@ def parse_args(argv=None):
         description="Train an Adversarial Flow Model. One step = one D update + one G update, each on a batch of "
                     "--batch-size images (global, over all ranks). Unset flags take the --data preset.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", choices=["cifar10", "folder", "imagenet"], default="cifar10",
-                   help="cifar10: downloads to ./data; folder: root/<class>/<image>; imagenet: a latents .npy "
-                        "from `python vae.py` or an image folder encoded on the fly with --vae")
+    p.add_argument("--data", choices=list(PRESETS), default="cifar10",
+                   help="cifar10, mnist, fashion-mnist: downloaded to ./data once; folder: root/<class>/<image>; "
+                        "imagenet: a latents .npy from `python vae.py` or an image folder encoded with --vae")
     p.add_argument("--data-path", default=None, help="dataset location (cifar10: directory of the archive)")
     p.add_argument("--image-size", type=int, default=None, help="pixels (cifar10: 32; imagenet: 256)")
     p.add_argument("--vae", default=None, help="sd-vae-ft-mse weights, to encode an ImageNet image folder on the fly")
@@ -123,6 +130,11 @@ def parse_args(argv=None):
     p.add_argument("--g-lr", type=float, default=None, help="G's learning rate (default: --lr / --repeat)")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--ema-decay", type=float, default=None)
+    p.add_argument("--ema-warmup", type=int, default=None, help="the EMA decays at min(--ema-decay, (1 + step) / "
+                   "(warmup + step)), so it forgets the random start within a few steps (0: off, the paper)")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="random horizontal flips of the training images (default: on; off for mnist and "
+                        "fashion-mnist, whose mirrored digits and shoes are not in the data)")
     p.add_argument("--grad-clip", type=float, default=None, help="max gradient norm (default 50 for 1-NFE, "
                    "5 for multi-step and deep generators, as the authors' configs)")
     p.add_argument("--ot-start", type=float, default=None, help="lambda_ot at step 0 (0.2; 0.25 multi-step)")
@@ -133,6 +145,8 @@ def parse_args(argv=None):
     p.add_argument("--gp-ratio", type=float, default=0.25, help="fraction of the batch that gets R1/R2")
     p.add_argument("--cp-scale", type=float, default=0.01, help="lambda_cp of the logit-centering penalty")
     p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--max-minutes", type=float, default=None, help="also stop after this many minutes of "
+                   "training (judging and FID not counted)")
     p.add_argument("--out-dir", default="out")
     p.add_argument("--resume", action="store_true", help="continue from --out-dir/ckpt.pt; flags given now take "
                    "effect, except " + ", ".join("--" + f.replace("_", "-") for f in FIXED_ON_RESUME))
@@ -163,6 +177,12 @@ def parse_args(argv=None):
     p.add_argument("--d-reload", default=None, help="start D from this checkpoint's D")
     p.add_argument("--d-reload-on-stall", type=int, default=None,
                    help="reload D from the best-FID point after this many evaluations without improvement")
+    p.add_argument("--judge-every", type=int, default=None, help="every N steps, label class-balanced 1-NFE EMA "
+                   "samples with a small classifier trained on the real images: class accuracy and Frechet "
+                   "distance in its features (quality.py; cifar10, mnist, fashion-mnist and small folders; 0: off)")
+    p.add_argument("--judge", default=None, help="judge file for --judge-every (default: OUT_DIR/judge.pt, "
+                   "trained there on first use, about a minute on a CPU)")
+    p.add_argument("--judge-samples", type=int, default=1000, help="samples per judgement")
     p.add_argument("--fid-every", type=int, default=0, help="in-loop FID of the EMA every N steps (0: off)")
     p.add_argument("--fid-samples", type=int, default=10_000, help="class-balanced samples per in-loop FID")
     p.add_argument("--fid-ref", default=None, help="reference statistics .npz (mu, sigma) from `fid.py --stats`")
@@ -184,7 +204,7 @@ def parse_args(argv=None):
                dict(pred="v" if multi_step else "x", ot_start=0.25 if multi_step else 0.2, ot_end=0.005,
                     grad_clip=5.0 if multi_step or args.repeat > 1 else 50.0, cg_scale=0.0, cg_t="0,0.1",
                     cg_target_times=CG_TARGET_TIMES.get(args.nfe), augment_p=0.0, ema_reload_every=0,
-                    d_reload_on_stall=0)]
+                    d_reload_on_stall=0, ema_warmup=0, flip=True, judge_every=0)]
     for preset in presets:
         for name, value in preset.items():
             if getattr(args, name, None) is None:
@@ -215,6 +235,9 @@ def validate(args, world_size):
                              "continuously and guides every sample at t' = t (eq. 38): drop --cg-target-times")
     if args.cg_scale > 0 and args.nfe not in (1, "any"):
         check_target_times(args.cg_target_times, args.nfe)
+    if args.judge_every and args.data == "imagenet":
+        raise ArgumentError("--judge-every judges small pixel datasets (cifar10, mnist, fashion-mnist, folder); "
+                             "on ImageNet use the in-loop FID (--fid-every)")
     if args.d_reload_on_stall and not (args.fid_every and args.fid_ref):
         raise ArgumentError("--d-reload-on-stall (phases 3 and 4) watches the in-loop FID: pass --fid-every N "
                              "and --fid-ref STATS.npz, or --d-reload-on-stall 0")
@@ -322,6 +345,12 @@ def build_nets(args, generator_kwargs, discriminator_kwargs, device, distributed
                 D_train=wrap(D, True), D_frozen=wrap(D, False), d_params=d_params)
 
 
+def ema_decay_at(step, decay, warmup):
+    """min(decay, (1 + step) / (warmup + step)): an average over about step / warmup of the steps so far, until
+    that reaches the set decay. A short run's EMA then holds no trace of the random initial weights."""
+    return min(decay, (1 + step) / (warmup + step)) if warmup else decay
+
+
 @torch.no_grad()
 def update_ema(ema, model, decay):
     ema_params, params = list(ema.parameters()), list(model.parameters())
@@ -352,7 +381,7 @@ def d_update(nets, args, x, y, autocast, augment=None):
     return metrics, finite
 
 
-def g_update(nets, args, x, y, ot_scale, autocast, augment=None, guidance=None):
+def g_update(nets, args, x, y, ot_scale, autocast, augment=None, guidance=None, ema_decay=None):
     """One generator update. D's parameters are frozen, so the backward pass computes only the gradient with
     respect to D's input, never D's parameter gradients. Returns (metrics, finite)."""
     for p in nets.d_params:
@@ -372,13 +401,13 @@ def g_update(nets, args, x, y, ot_scale, autocast, augment=None, guidance=None):
     finite = bool(torch.isfinite(metrics["g_grad_norm"] + metrics["g_loss"]))
     if finite:
         nets.opt_g.step()
-        update_ema(nets.ema, nets.G, args.ema_decay)
+        update_ema(nets.ema, nets.G, args.ema_decay if ema_decay is None else ema_decay)
     else:
         nets.gradnorm.square_avg.copy_(square_avg)  # a NaN must not enter the normalizer's EMA
     return metrics, finite
 
 
-def train_step(nets, args, x_d, y_d, x_g, y_g, ot_scale, autocast, augment=None, guidance=None):
+def train_step(nets, args, x_d, y_d, x_g, y_g, ot_scale, autocast, augment=None, guidance=None, ema_decay=None):
     """One step = one D update, then one G update, on independent batches. Returns (metrics, both finite).
 
     A non-finite loss or gradient skips that update, so a single bad batch cannot poison the weights; train()
@@ -386,7 +415,7 @@ def train_step(nets, args, x_d, y_d, x_g, y_g, ot_scale, autocast, augment=None,
     never applying a NaN.
     """
     d_metrics, d_ok = d_update(nets, args, x_d, y_d, autocast, augment)
-    g_metrics, g_ok = g_update(nets, args, x_g, y_g, ot_scale, autocast, augment, guidance)
+    g_metrics, g_ok = g_update(nets, args, x_g, y_g, ot_scale, autocast, augment, guidance, ema_decay)
     return {**d_metrics, **g_metrics}, d_ok and g_ok
 
 
@@ -561,7 +590,7 @@ def train(args):
     if world_size > 1 and main_process:
         dist.barrier()
     loader = data.Loader(dataset, args.batch_size // world_size, rank=rank, world_size=world_size, seed=args.seed,
-                         num_workers=args.num_workers, device=device)
+                         num_workers=args.num_workers, device=device, flip=args.flip)
     autoencoder = vae.load_vae(args.vae, device) if args.vae else None
     encode_on_the_fly = args.data == "imagenet" and in_channels == 3
     if encode_on_the_fly:  # an ImageNet image folder: the networks see SD-VAE latents
@@ -575,7 +604,7 @@ def train(args):
         return (encode_latents(autoencoder, x) if encode_on_the_fly else x), y
 
     def decode(x):  # generator output -> [-1, 1] pixels, or None when latents cannot be decoded
-        if in_channels == 3:
+        if in_channels != 4:
             return x
         return autoencoder.decode(x / LATENT_SCALE) if autoencoder is not None else None
 
@@ -597,6 +626,11 @@ def train(args):
             checkpoint.load_weights(nets.D, reload_state.get("D", reload_state), what=f"--d-reload {args.d_reload}")
     guidance = make_guidance(args, device)
     augment = PairedAugment(p=args.augment_p) if args.augment_p > 0 else None
+    judge = None
+    if args.judge_every and main_process:
+        judge_path = args.judge or os.path.join(args.out_dir, "judge.pt")
+        judge = quality.SampleJudge(*quality.judge_or_train(judge_path, args.data, args.data_path, input_size),
+                                    (in_channels, input_size, input_size), args.judge_samples, args.seed)
     if args.fid_every:
         inception = fid.load_inception(args.fid_weights, device=device)
         reference = np.load(args.fid_ref)
@@ -616,6 +650,21 @@ def train(args):
     bad_steps, last_saved_step, pending = 0, (step if resume_state is not None else None), []
     progress = tqdm(total=args.max_steps, initial=step, disable=not main_process, dynamic_ncols=True)
     tic, tic_step = time.time(), step
+    # The training clock: wall time minus judging and FID, carried over on resume.
+    clock_start, eval_seconds = time.time() - (resume_state or {}).get("train_seconds", 0.0), 0.0
+
+    def train_seconds():
+        return time.time() - clock_start - eval_seconds
+
+    def judge_samples():
+        nonlocal eval_seconds
+        tic_judge, minutes = time.time(), train_seconds() / 60
+        result = judge(nets.ema, nfe=8 if args.nfe == "any" else args.nfe, pred=args.pred)
+        log(dict(step=step, minutes=minutes, **{f"judge_{k}": v for k, v in result.items()}))
+        progress.write(f"step {step}: samples labelled as their class {result['accuracy']:.3f} "
+                       f"({result['accuracy_ratio']:.2f} of real), Frechet distance {result['fd']:.1f} "
+                       f"({result['fd_ratio']:.3f} of the untrained generator's)")
+        eval_seconds += time.time() - tic_judge
 
     def log(record):
         if main_process:
@@ -628,6 +677,7 @@ def train(args):
         rng_states = checkpoint.gather_rng_states(world_size)
         state = checkpoint_state(nets, args, step, loader, rng_states, generator_kwargs, discriminator_kwargs)
         state["fid_tracking"] = [best_fid, evals_since_best]
+        state["train_seconds"] = train_seconds()
         if best_d is not None:
             state["best_D"] = best_d
         return state
@@ -639,11 +689,14 @@ def train(args):
             last_saved_step = step
 
     try:
+        if judge is not None and step == 0:
+            judge_samples()
         while step < args.max_steps:
             x_d, y_d = next_batch()
             x_g, y_g = next_batch()
             ot_scale = ot_scale_at(step, args.ot_start, args.ot_end, args.ot_decay_steps)
-            metrics, ok = train_step(nets, args, x_d, y_d, x_g, y_g, ot_scale, autocast, augment, guidance)
+            ema_decay = ema_decay_at(step, args.ema_decay, args.ema_warmup)
+            metrics, ok = train_step(nets, args, x_d, y_d, x_g, y_g, ot_scale, autocast, augment, guidance, ema_decay)
             step += 1
             bad_steps = 0 if ok else bad_steps + 1
             if bad_steps >= args.max_bad_steps:
@@ -658,7 +711,7 @@ def train(args):
                 names = list(pending[0])
                 values = torch.stack([torch.stack([m[n].float() for n in names]) for m in pending]).mean(0).tolist()
                 elapsed = time.time() - tic
-                record = dict(step=step, **dict(zip(names, values)), ot_scale=ot_scale,
+                record = dict(step=step, minutes=train_seconds() / 60, **dict(zip(names, values)), ot_scale=ot_scale,
                               lr_g=nets.opt_g.param_groups[0]["lr"], lr_d=nets.opt_d.param_groups[0]["lr"],
                               img_per_s=(step - tic_step) * args.batch_size / max(elapsed, 1e-9))
                 pending, tic, tic_step = [], time.time(), step
@@ -674,8 +727,12 @@ def train(args):
             if args.ema_reload_every and step % args.ema_reload_every == 0:
                 nets.G.load_state_dict(nets.ema.state_dict())  # the weight average is the better equilibrium
                 log(dict(step=step, event="EMA reloaded into G"))
+            if judge is not None and (step % args.judge_every == 0 or step == args.max_steps):
+                judge_samples()
             if args.fid_every and (step % args.fid_every == 0 or step == args.max_steps):
+                tic_fid = time.time()
                 fid_value = in_loop_fid(nets.ema, args, inception, reference, decode, device, rank, world_size)
+                eval_seconds += time.time() - tic_fid
                 log(dict(step=step, fid=fid_value, fid_samples=args.fid_samples))
                 if best_fid is None or fid_value < best_fid:
                     best_fid, evals_since_best = fid_value, 0
@@ -691,6 +748,8 @@ def train(args):
                         evals_since_best = 0
                         log(dict(step=step, event=f"FID stalled for {args.d_reload_on_stall} evaluations: D reloaded "
                                                   f"from the best-FID point (FID {best_fid:.3f})"))
+            if args.max_minutes and train_seconds() >= args.max_minutes * 60:
+                stop.requested = True  # like a signal: every rank stops at this step, after a checkpoint
             stopping = stop.agreed(device, world_size)
             # never over the last good checkpoint while steps are being skipped
             if (step % args.ckpt_every == 0 or step == args.max_steps or stopping) and bad_steps == 0:

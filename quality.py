@@ -1,0 +1,216 @@
+"""Sample quality a laptop can afford: a small classifier trained on the real images judges the samples.
+
+FID needs an Inception network at 299 px (about 1.5 images/s on one CPU core), so it is an end-of-run number. While
+training on small datasets (MNIST, Fashion-MNIST, CIFAR-10, small folders) we watch two cheaper ones, computed on
+class-balanced 1-NFE samples of the EMA generator:
+
+    accuracy   the share of samples that the judge labels as their conditioning class. Read it against A_real,
+               the judge's accuracy on real held-out images: accuracy / A_real = 1 means the generator draws the
+               requested class as recognizably as the data does. Chance is 1 / num_classes.
+    fd         the Frechet distance (the FID formula) between the judge's 128-d penultimate features of the samples
+               and of real training images. It falls as samples look more like the data; fd_ratio divides it by
+               the distance of the untrained generator, whose samples are all mid-gray (G's head starts at zero).
+
+Neither number is comparable with published FIDs: the feature space is a 20k-parameter CNN trained here, and the
+sample count is small (the FD of a finite sample is biased upwards; compare runs at the same count).
+
+    python quality.py --data fashion-mnist --out judge.pt      # train a judge once (about a minute on a CPU)
+    python quality.py --judge judge.pt --ckpt out/ckpt.pt      # judge a checkpoint's EMA generator
+"""
+
+import argparse
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import checkpoint
+import data
+import fid
+from model import Generator
+from sample import sample
+
+FEATURE_DIM = 128
+
+
+class Judge(nn.Module):
+    """(N, C, S, S) images in [-1, 1] -> (logits (N, classes), features (N, 128)). Two conv stages and an MLP."""
+
+    def __init__(self, in_channels, image_size, num_classes):
+        super().__init__()
+        self.in_channels, self.image_size, self.num_classes = in_channels, image_size, num_classes
+
+        def stage(c_in, c_out):  # (N, c_in, S, S) -> (N, c_out, S/2, S/2)
+            return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(),
+                                 nn.Conv2d(c_out, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(),
+                                 nn.MaxPool2d(2))
+
+        self.convs = nn.Sequential(stage(in_channels, 16), stage(16, 32))
+        self.features = nn.Sequential(nn.Flatten(), nn.Linear(32 * (image_size // 4) ** 2, FEATURE_DIM), nn.ReLU())
+        self.head = nn.Linear(FEATURE_DIM, num_classes)
+
+    def forward(self, x):
+        features = self.features(self.convs(x))
+        return self.head(features), features
+
+
+def to_input(images):
+    """uint8 (N, S, S, C) numpy -> float (N, C, S, S) in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def real_splits(name, data_path, image_size, seed=0):
+    """-> (train_images, train_labels, test_images, test_labels), uint8 (N, S, S, C) and int64 (N,).
+
+    The official test sets of MNIST, Fashion-MNIST and CIFAR-10; an image folder holds out a random tenth."""
+    if name in data.IDX_SOURCES:
+        folder = data.find_idx_folder(name, data_path)
+        (x, y), (x_test, y_test) = (data.load_idx_dataset(name, folder, train) for train in (True, False))
+        return data.fit_to_size(x, image_size)[..., None], y, data.fit_to_size(x_test, image_size)[..., None], y_test
+    if name == "cifar10":
+        (x, y), (x_test, y_test) = (data.load_cifar10(data_path or "./data", train) for train in (True, False))
+        return x, y, x_test, y_test
+    if name != "folder":
+        raise data.DataError(f"the judge needs small images: --data cifar10, mnist, fashion-mnist or folder")
+    folder = data.ImageFolder(data_path, image_size)
+    items = [folder[(i, False)] for i in range(len(folder))]
+    x = np.stack([image.permute(1, 2, 0).numpy() for image, _ in items])
+    y = np.array([label for _, label in items], dtype=np.int64)
+    order = np.random.default_rng(seed).permutation(len(x))
+    test, train = order[:len(x) // 10], order[len(x) // 10:]
+    return x[train], y[train], x[test], y[test]
+
+
+@torch.no_grad()
+def accuracy_and_features(judge, images, labels, batch_size=500):
+    """Judge a float (N, C, S, S) batch in chunks -> (accuracy, features (N, 128))."""
+    correct, features = 0, []
+    for start in range(0, len(images), batch_size):
+        logits, feats = judge(images[start:start + batch_size])
+        correct += (logits.argmax(1) == labels[start:start + batch_size]).sum().item()
+        features.append(feats)
+    return correct / len(images), torch.cat(features)
+
+
+def statistics(features):
+    """(N, D) -> mu (D,), sigma (D, D), float64 numpy."""
+    stats = fid.FeatureStatistics(dim=features.shape[1])
+    stats.update(features)
+    return stats.mean_and_covariance()
+
+
+def train_judge(name, data_path, image_size, steps=1500, batch_size=64, lr=2e-3, seed=0, log=print):
+    """Train a judge on the real training set -> its file's contents: weights, A_real and the real statistics."""
+    x, y, x_test, y_test = real_splits(name, data_path, image_size, seed)
+    generator = torch.Generator().manual_seed(seed)
+    judge = Judge(x.shape[-1], image_size, int(max(y.max(), y_test.max())) + 1)
+    optimizer = torch.optim.AdamW(judge.parameters(), lr=lr, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
+    tic = time.time()
+    for step in range(steps):
+        batch = torch.randint(len(x), (batch_size,), generator=generator)
+        logits, _ = judge(to_input(x[batch.numpy()]))
+        loss = F.cross_entropy(logits, torch.from_numpy(y[batch.numpy()]))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if (step + 1) % 500 == 0:
+            log(f"judge step {step + 1}/{steps}: loss {loss.item():.3f} ({time.time() - tic:.0f} s)")
+    judge.eval()
+    real_accuracy, _ = accuracy_and_features(judge, to_input(x_test), torch.from_numpy(y_test))
+    reference = np.random.default_rng(seed).permutation(len(x))[:10_000]
+    _, features = accuracy_and_features(judge, to_input(x[reference]), torch.from_numpy(y[reference]))
+    mu, sigma = statistics(features)
+    log(f"judge: accuracy on {len(x_test)} real held-out images A_real = {real_accuracy:.4f}")
+    return {"kwargs": dict(in_channels=judge.in_channels, image_size=image_size, num_classes=judge.num_classes),
+            "state_dict": judge.state_dict(), "real_accuracy": real_accuracy, "mu": torch.from_numpy(mu),
+            "sigma": torch.from_numpy(sigma), "data": name}
+
+
+def load_judge(path):
+    """-> (judge in eval mode, its file's contents)."""
+    state = checkpoint.load(path)
+    if not isinstance(state, dict) or not {"kwargs", "state_dict", "mu", "sigma"} <= set(state):
+        raise checkpoint.CheckpointError(f"{path} is not a judge file from `python quality.py --out`")
+    judge = Judge(**state["kwargs"])
+    checkpoint.load_weights(judge, state["state_dict"], what=path)
+    return judge.eval(), state
+
+
+def judge_or_train(path, name, data_path, image_size, log=print):
+    """Load the judge at path, or train one and save it there first. Checks it fits the data."""
+    if not os.path.exists(path):
+        log(f"training a judge of sample quality on the real {name} images, once: {path}")
+        checkpoint.save(train_judge(name, data_path, image_size, log=log), path)
+    judge, state = load_judge(path)
+    if state["kwargs"]["image_size"] != image_size:
+        raise checkpoint.CheckpointError(f"{path} judges {state['kwargs']['image_size']}-px images, not "
+                                         f"{image_size}-px: delete it or pass another --judge")
+    return judge, state
+
+
+class SampleJudge:
+    """Judges a generator on fixed, class-balanced noise: the same samples are compared at every evaluation."""
+
+    def __init__(self, judge, state, shape, num_samples=1000, seed=0):
+        self.judge, self.real_accuracy = judge, state["real_accuracy"]
+        self.mu, self.sigma = state["mu"].numpy(), state["sigma"].numpy()
+        generator = torch.Generator().manual_seed(seed)
+        self.noise = torch.randn(num_samples, *shape, generator=generator)       # (N, C, S, S)
+        self.labels = torch.arange(num_samples) % judge.num_classes                # (N,)
+        self.untrained_fd = None
+
+    @torch.no_grad()
+    def __call__(self, generator, nfe=1, pred="x", batch_size=250):
+        """-> dict(accuracy, accuracy_ratio, fd, fd_ratio) of the generator's samples."""
+        device = next(generator.parameters()).device
+        images = torch.cat([sample(generator, self.noise[i:i + batch_size].to(device),
+                                   self.labels[i:i + batch_size].to(device), nfe, pred).float().cpu().clamp(-1, 1)
+                            for i in range(0, len(self.noise), batch_size)])
+        accuracy, features = accuracy_and_features(self.judge, images, self.labels)
+        fd = fid.frechet_distance(*statistics(features), self.mu, self.sigma)
+        if self.untrained_fd is None:  # mid-gray images: what G draws before its first step
+            _, flat = accuracy_and_features(self.judge, torch.zeros_like(images[:2]), self.labels[:2])
+            flat_mu = flat[0].double().numpy()
+            self.untrained_fd = fid.frechet_distance(flat_mu, np.zeros_like(self.sigma), self.mu, self.sigma)
+        return dict(accuracy=accuracy, accuracy_ratio=accuracy / self.real_accuracy, fd=fd,
+                    fd_ratio=fd / self.untrained_fd)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Train a judge of sample quality on real images, or judge a "
+                                            "checkpoint's EMA generator with one.")
+    p.add_argument("--data", default="fashion-mnist", choices=["mnist", "fashion-mnist", "cifar10", "folder"])
+    p.add_argument("--data-path", default=None)
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--out", default=None, help="train a judge and write it here")
+    p.add_argument("--judge", default=None, help="a judge file, to judge --ckpt")
+    p.add_argument("--ckpt", default=None, help="a train.py checkpoint: its EMA generator is judged")
+    p.add_argument("--samples", type=int, default=1000)
+    args = p.parse_args(argv)
+    try:
+        if args.out:
+            checkpoint.save(train_judge(args.data, args.data_path, args.image_size), args.out)
+        if args.judge and args.ckpt:
+            judge, state = load_judge(args.judge)
+            run = checkpoint.load(args.ckpt)
+            generator = Generator(**run["generator_kwargs"])
+            checkpoint.load_weights(generator, run["ema"], what=f"{args.ckpt} [ema]")
+            nfe = 8 if run["config"]["nfe"] == "any" else run["config"]["nfe"]
+            shape = (generator.in_channels, generator.input_size, generator.input_size)
+            result = SampleJudge(judge, state, shape, args.samples)(generator.eval(), nfe, run["config"]["pred"])
+            print(f"accuracy {result['accuracy']:.4f} (A_real {state['real_accuracy']:.4f}, ratio "
+                  f"{result['accuracy_ratio']:.3f}); fd {result['fd']:.3f} ({result['fd_ratio']:.4f} of untrained)")
+    except (data.DataError, checkpoint.CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
