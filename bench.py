@@ -63,9 +63,10 @@ from torch.utils.flop_counter import FlopCounterMode
 import checkpoint
 import data
 import losses
+import recipe
+import runtime
 import train
 import vae
-from augment import PairedAugment
 from gradnorm import GradientNormalization
 from model import Discriminator, Generator
 from sample import sample
@@ -216,7 +217,7 @@ def loader_batches(root, options, args, iterations, device):
 
     def next_batch():
         x, y = next(loader)
-        return (train.encode_latents(autoencoder, x) if autoencoder is not None else x), y
+        return (vae.encode_latents(autoencoder, x) if autoencoder is not None else x), y
 
     return lambda: (*next_batch(), *next_batch())
 
@@ -238,27 +239,16 @@ def loader_batches(root, options, args, iterations, device):
 # Left out, as logging only: their per-update latent statistics and gradient captures.
 
 
-@dataclasses.dataclass
-class AuthorsNets:
-    G: Generator
-    D: Discriminator
-    ema: Generator
-    gradnorm: GradientNormalization
-    opt_g: torch.optim.Optimizer
-    opt_d: torch.optim.Optimizer
-    d_params: list
-
-
 def build_authors_nets(args, generator_kwargs, discriminator_kwargs, device):
-    """Fresh networks as the authors' trainer builds them: the EMA a deep copy of G, torch's default AdamW."""
+    """Fresh networks as the authors' trainer builds them: the EMA a deep copy of G, torch's default AdamW. Held
+    in train.Nets, with the plain modules everywhere (the authors' step calls nets.G and nets.D only)."""
     G = Generator(**generator_kwargs).to(device)
     D = Discriminator(**discriminator_kwargs).to(device)
-    ema = copy.deepcopy(G)
     adamw = dict(betas=(0.0, 0.9), eps=1e-8, weight_decay=args.weight_decay)
-    return AuthorsNets(G, D, ema, GradientNormalization().to(device),
-                       torch.optim.AdamW(G.parameters(), lr=args.g_lr, **adamw),
-                       torch.optim.AdamW(D.parameters(), lr=args.lr, **adamw),
-                       d_params=[p for p in D.parameters() if p.requires_grad])
+    return train.Nets(G, D, copy.deepcopy(G), GradientNormalization().to(device),
+                      torch.optim.AdamW(G.parameters(), lr=args.g_lr, **adamw),
+                      torch.optim.AdamW(D.parameters(), lr=args.lr, **adamw), G_train=G, G_frozen=G, D_train=D,
+                      D_frozen=D, d_params=[p for p in D.parameters() if p.requires_grad])
 
 
 def authors_d_update(nets, args, x, y, autocast, augment=None):
@@ -384,19 +374,18 @@ def measure_authors(args, options, generator_kwargs, discriminator_kwargs, next_
 
 
 def run(options, args):
-    _, _, device = train.setup_distributed(args.device)
+    _, _, device = runtime.setup_distributed(args.device)
     train.validate(args, world_size=1)
     torch.manual_seed(args.seed)
     peaks = matmul_peaks(device)
-    autocast = train.set_precision(args.precision, device)
+    autocast = runtime.set_precision(args.precision, device)
 
     input_size = args.image_size // 8 if args.vae else args.image_size
     generator_kwargs, discriminator_kwargs = train.network_kwargs(args, options.in_channels, input_size,
                                                                   options.num_classes)
     # What train.py's loop passes train_step after the batches (lambda_ot at step 0: the value does not matter).
-    augment = PairedAugment(p=args.augment_p) if args.augment_p > 0 else None
-    step_args = (train.ot_scale_at(0, args.ot_start, args.ot_end, args.ot_decay_steps), autocast, augment,
-                 train.make_guidance(args, device))
+    step_args = (train.ot_scale_at(0, args.ot_start, args.ot_end, args.ot_decay_steps), autocast,
+                 recipe.make_augment(args), recipe.make_guidance(args, device))
     measure_args = (args, options, generator_kwargs, discriminator_kwargs)
     with tempfile.TemporaryDirectory(prefix="afm-bench-") as root:
         if options.data_loader:
@@ -440,12 +429,10 @@ def run(options, args):
 
 def main(argv=None):
     options, args = parse_args(argv)
-    try:
-        result = run(options, args)
-    except (data.DataError, checkpoint.CheckpointError, vae.VAEError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    print(json.dumps(result))
+    code = runtime.run(lambda: print(json.dumps(run(options, args))), False,
+                       {(data.DataError, checkpoint.CheckpointError, vae.VAEError): 2})
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

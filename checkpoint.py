@@ -7,11 +7,13 @@
 - load_weights(): compares keys and shapes first, so a mismatch is reported as one line naming the first
   offending key, instead of PyTorch's multi-line dump.
 
-And what a resumable run needs around them, shared by train.py and classifier.py: the output folder, every
-rank's random state (so a resumed run draws exactly the numbers it would have drawn), the SIGINT/SIGTERM flag
-that saves before exiting, and the resumed configuration: the checkpoint's, with the flags typed now on top.
+And the state of a run, so that a resumed run continues bitwise exactly: the output folder, every rank's random
+state (a resumed run draws exactly the numbers it would have drawn), the SIGINT/SIGTERM flag that saves before
+exiting, the training clock, the resumed configuration (the checkpoint's, with the flags typed now on top), and
+train.py's ckpt.pt itself: what it holds, --keep's step-stamped copies, restoring it.
 """
 
+import contextlib
 import os
 import pickle
 import pickletools
@@ -19,6 +21,7 @@ import random
 import re
 import signal
 import sys
+import time
 import warnings
 
 import numpy as np
@@ -79,22 +82,28 @@ def load(path):
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__})") from None
 
 
-def first_mismatch(module, state_dict):
-    """A one-line description of the first key or shape that differs, or None when the state fits."""
-    expected = module.state_dict()
-    for key, value in expected.items():
-        if key not in state_dict:
+def mismatches(expected, found):
+    """The keys where state dict found does not fit expected: -> (missing, reshaped, unexpected) key lists."""
+    missing = [key for key in expected if key not in found]
+    reshaped = [key for key in expected if key in found and tuple(found[key].shape) != tuple(expected[key].shape)]
+    unexpected = [key for key in found if key not in expected]
+    return missing, reshaped, unexpected
+
+
+def first_mismatch(expected, found):
+    """One line about the first expected key that is missing or has another shape in found, else the first
+    unexpected key; None when found fits."""
+    missing, reshaped, unexpected = mismatches(expected, found)
+    for key in expected:
+        if key in missing:
             return f"missing key {key!r}"
-        if tuple(state_dict[key].shape) != tuple(value.shape):
-            return f"{key!r} has shape {tuple(state_dict[key].shape)}, the model expects {tuple(value.shape)}"
-    for key in state_dict:
-        if key not in expected:
-            return f"unexpected key {key!r}"
-    return None
+        if key in reshaped:
+            return f"key {key!r} has shape {tuple(found[key].shape)}, expected {tuple(expected[key].shape)}"
+    return f"unexpected key {unexpected[0]!r}" if unexpected else None
 
 
 def load_weights(module, state_dict, what="checkpoint"):
-    mismatch = first_mismatch(module, state_dict)
+    mismatch = first_mismatch(module.state_dict(), state_dict)
     if mismatch is not None:
         raise CheckpointError(f"{what} does not fit the model: {mismatch}")
     module.load_state_dict(state_dict)
@@ -189,3 +198,95 @@ def resumed_config(saved, current, given, fixed):
             raise CheckpointError(f"{flag} cannot change on --resume (the checkpoint has {saved[name]!r}, the "
                                   f"command line {current[name]!r}); start a new run, or drop {flag}")
     return {**current, **{k: v for k, v in saved.items() if k in current and k not in given}}
+
+
+def prepare_out_dir(out_dir):
+    """check_out_dir, then remove the temporary files of a process killed while writing (never a checkpoint)."""
+    check_out_dir(out_dir)
+    for name in os.listdir(out_dir):
+        if name.startswith(".") and ".pt.tmp" in name:
+            os.remove(os.path.join(out_dir, name))
+
+
+class Clock:
+    """The training clock: wall time minus the paused stretches (judging, FID), carried over on resume."""
+
+    def __init__(self, seconds=0.0):
+        self.start = time.time() - seconds
+        self.paused_seconds = 0.0
+
+    def seconds(self):
+        return time.time() - self.start - self.paused_seconds
+
+    @contextlib.contextmanager
+    def paused(self):
+        tic = time.time()
+        try:
+            yield
+        finally:
+            self.paused_seconds += time.time() - tic
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# train.py's ckpt.pt: the networks, optimizers, data position and random streams, and the run's configuration
+
+
+def training_state(nets, args, step, loader, world_size, network_kwargs, extra):
+    """What ckpt.pt holds (every rank calls this: the RNG states are gathered on rank 0). extra: the recipe's
+    state (fid_tracking, best_D) and the clock (train_seconds)."""
+    generator_kwargs, discriminator_kwargs = network_kwargs
+    state = {"step": step, "config": vars(args), "generator_kwargs": generator_kwargs,
+             "discriminator_kwargs": discriminator_kwargs,
+             "G": nets.G.state_dict(), "ema": nets.ema.state_dict(), "D": nets.D.state_dict(),
+             "gradnorm": nets.gradnorm.state_dict(), "opt_g": nets.opt_g.state_dict(),
+             "opt_d": nets.opt_d.state_dict(), "data": loader.state_dict(), "rng": gather_rng_states(world_size)}
+    return {**state, **extra}
+
+
+def all_finite(tensors):
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def save_training_state(state, nets, out_dir, keep):
+    """Atomically write out_dir/ckpt.pt, and keep the last `keep` step-stamped copies (--keep). Never writes
+    non-finite weights: -> False instead."""
+    if not all_finite(list(nets.G.parameters()) + list(nets.D.parameters()) + list(nets.ema.parameters())):
+        print(f"warning: not saving step {state['step']}: the weights are not finite", file=sys.stderr)
+        return False
+    path = os.path.join(out_dir, "ckpt.pt")
+    save(state, path)
+    if keep > 0:
+        stamped = os.path.join(out_dir, f"ckpt-{state['step']:08d}.pt")
+        if os.path.exists(stamped):
+            os.remove(stamped)
+        os.link(path, stamped)  # a second name for the same finished file: atomic and free
+        old = sorted(f for f in os.listdir(out_dir) if f.startswith("ckpt-") and f.endswith(".pt"))[:-keep]
+        for name in old:
+            os.remove(os.path.join(out_dir, name))
+    return True
+
+
+def load_networks(nets, state, source):
+    """G, EMA, D and the gradient-normalization EMA from a train.py checkpoint (resume, or --init-from)."""
+    if not isinstance(state, dict) or not all(k in state for k in ("G", "ema", "D", "gradnorm")):
+        raise CheckpointError(f"{source} is not a train.py checkpoint (it needs G, ema, D, gradnorm)")
+    for name, module in [("G", nets.G), ("ema", nets.ema), ("D", nets.D), ("gradnorm", nets.gradnorm)]:
+        load_weights(module, state[name], what=f"{source} [{name}]")
+
+
+def restore(nets, state, loader, rank, world_size, args):
+    """Everything a checkpoint holds, so that the run continues exactly as if it had never stopped; then the
+    learning rates and weight decay of args, which --resume may have changed (an optimizer's state_dict carries
+    its own)."""
+    load_networks(nets, state, "checkpoint")
+    nets.opt_g.load_state_dict(state["opt_g"])
+    nets.opt_d.load_state_dict(state["opt_d"])
+    for optimizer, lr in ((nets.opt_g, args.g_lr), (nets.opt_d, args.lr)):
+        for group in optimizer.param_groups:
+            group.update(lr=lr, weight_decay=args.weight_decay)
+    loader.load_state_dict(state["data"])
+    if len(state["rng"]) == world_size:
+        set_rng_state(state["rng"][rank])
+    else:
+        print("warning: resuming with a different number of processes; random streams restart", file=sys.stderr)
+        torch.manual_seed(state["step"] * 1000 + rank)

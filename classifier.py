@@ -27,12 +27,11 @@ to --resume exactly) and classifier_log.jsonl. Each log line has the online netw
 current un-augmented batch noised to one fixed t for the whole batch. These should fall from near the clean
 accuracy at t = 0 to chance at t = 1, where the input is pure noise.
 
-This file is its own entry point and imports nothing from train.py; the few lines of process setup it shares with
-train.py are repeated here.
+This file is its own entry point and imports nothing from train.py; the process setup and the data sources it
+shares with train.py come from runtime.py and vae.open_data.
 """
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -47,10 +46,10 @@ from tqdm import tqdm
 import checkpoint
 import data
 import losses
+import runtime
 import vae
 from augment import AffineAugment
 from model import MODELS, Classifier
-from sample import LATENT_SCALE
 
 BETAS = (0.9, 0.95)
 WEIGHT_DECAY = 0.0
@@ -155,70 +154,12 @@ def load_classifier(path, device="cpu"):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Processes, precision, data
-
-
-def setup_processes(device_arg):
-    """-> rank, world_size, device. Under torchrun: NCCL on CUDA, gloo on CPU. Plain python: one process."""
-    if "RANK" not in os.environ:
-        default = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-        return 0, 1, torch.device(device_arg or default)
-    rank, world_size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-    use_cuda = torch.cuda.is_available() and device_arg in (None, "cuda")
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    return rank, world_size, torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
-
-
-def autocast_for(precision, device):
-    """TF32 matmuls unless --precision fp32; bf16 autocast only when asked for, on CUDA."""
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision != "fp32"
-    if precision == "bf16" and device.type == "cuda":
-        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext
-
-
-@torch.no_grad()
-def encode_latents(autoencoder, images):
-    """[-1, 1] images -> scaled SD-VAE latents: a posterior sample, in bf16 on CUDA (as the authors do)."""
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=images.device.type == "cuda"):
-        mean, logvar = autoencoder.encode(images)
-    mean, logvar = mean.float(), logvar.float()
-    return LATENT_SCALE * (mean + torch.exp(0.5 * logvar) * torch.randn_like(mean))
-
-
-def make_data(args, rank, world_size, device):
-    """The data sources of train.py. -> (loader, next_batch, num_classes, in_channels, input_size)."""
-    if world_size > 1 and rank > 0:
-        dist.barrier()  # rank 0 first, so that only it downloads
-    dataset, num_classes, in_channels, input_size = data.make_dataset(args.data, args.data_path, args.image_size)
-    if world_size > 1 and rank == 0:
-        dist.barrier()
-    encode = args.data == "imagenet" and in_channels == 3  # an ImageNet image folder: classify SD-VAE latents
-    if encode and not args.vae:
-        raise data.DataError("--data imagenet with an image folder needs --vae (sd-vae-ft-mse weights), or "
-                             "latents extracted once with `python vae.py`")
-    autoencoder = vae.load_vae(args.vae, device).requires_grad_(False) if encode else None
-    if encode:
-        in_channels, input_size = 4, input_size // 8
-    loader = data.Loader(dataset, args.batch_size // world_size, rank=rank, world_size=world_size, seed=args.seed,
-                         num_workers=args.num_workers, device=device)
-
-    def next_batch():
-        x, y = next(loader)
-        return (encode_latents(autoencoder, x) if encode else x), y
-
-    return loader, next_batch, num_classes, in_channels, input_size
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # The loop
 
 
 def train_classifier(args, given=()):
     """Train, or continue (--resume) with the checkpoint's flags except those in given, the flags typed now."""
-    rank, world_size, device = setup_processes(args.device)
+    rank, world_size, device = runtime.setup_distributed(args.device)
     ckpt_path = os.path.join(args.out_dir, "classifier.pt")
     resume_state = checkpoint.load(ckpt_path) if args.resume else None
     if resume_state is not None:
@@ -233,8 +174,10 @@ def train_classifier(args, given=()):
     main_process = rank == 0
     if main_process:
         checkpoint.check_out_dir(args.out_dir)
-    autocast = autocast_for(args.precision, device)
-    loader, next_batch, num_classes, in_channels, input_size = make_data(args, rank, world_size, device)
+    autocast = runtime.set_precision(args.precision, device)
+    source = vae.open_data(args, rank, world_size, device)
+    loader, next_batch = source.loader, source.next_batch
+    num_classes, in_channels, input_size = source.num_classes, source.in_channels, source.input_size
 
     classifier_kwargs = dict(MODELS[args.model], input_size=input_size, in_channels=in_channels,
                              num_classes=num_classes)
@@ -334,18 +277,10 @@ def train_classifier(args, given=()):
 
 def main(argv=None):
     args, given = parse_args(argv)
-    try:
-        train_classifier(args, given)
-    except Diverged as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(3)
-    except (data.DataError, checkpoint.CheckpointError, vae.VAEError) as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    code = runtime.run(lambda: train_classifier(args, given), args.debug,
+                       {Diverged: 3, (data.DataError, checkpoint.CheckpointError, vae.VAEError): 2})
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ IDX_CONTENT_MD5 = {
 # Where a dataset is found when --data-path is not given: ./data/<name>, then where Debian's package puts it.
 IDX_DEFAULT_DIRS = {"mnist": ["data/mnist"],
                     "fashion-mnist": ["data/fashion-mnist", "/usr/share/datasets/fashion-mnist"]}
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")  # compared lower-case, so .JPEG counts
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm")  # lower-case
 
 
 class DataError(Exception):
@@ -85,6 +85,7 @@ def download(url, path, md5=None, sha256=None, what=None):
     whose checksum matches is renamed to path, so a partial download is never mistaken for a complete one. `what`
     names the file in the offline message (default: its file name).
     """
+    path = os.fspath(path)
     part = path + ".part"
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -108,7 +109,8 @@ def download(url, path, md5=None, sha256=None, what=None):
         got = _file_digest(part, algorithm)
         if got != expected.lower():
             os.remove(part)
-            raise DataError(f"the download of {url} has {algorithm.upper()} {got}, expected {expected}; "
+            name = {"md5": "MD5", "sha256": "SHA-256"}[algorithm]
+            raise DataError(f"the download of {url} has {name} {got}, expected {expected}; "
                             f"deleted it, try again")
     os.replace(part, path)
 

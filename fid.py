@@ -28,11 +28,8 @@ AFM_FID_WEIGHTS to put them elsewhere); --weights PATH uses a file you already h
 """
 
 import argparse
-import hashlib
 import os
 import sys
-import urllib.error
-import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -43,13 +40,16 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+import checkpoint
+import data
+import runtime
+
 WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                "pt_inception-2015-12-05-6726825d.pth")
 # SHA-256 of that file (95,628,359 bytes); its first 8 hex digits are the "6726825d" in the name (torch.hub's habit).
 WEIGHTS_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
 FEATURE_DIM = 2048
 TRAINING_SETS = ("cifar10", "mnist", "fashion-mnist")  # sources named by dataset instead of by path
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm"}
 
 
 class FidError(Exception):
@@ -269,42 +269,12 @@ def default_weights_path():
     return Path(os.environ.get("AFM_FID_WEIGHTS", cache))
 
 
-def sha256_of(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def download(url, path, sha256):
-    """Download url to path: into path.part (resumed with an HTTP Range request), checked, then renamed."""
-    path = Path(path)
-    part = path.with_name(path.name + ".part")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    done = part.stat().st_size if part.exists() else 0
-    request = urllib.request.Request(url, headers={"Range": f"bytes={done}-"} if done else {})
-    by_hand = f"download it by hand to {path}, or pass --weights PATH"
+    """data.download (resumable, checked, atomic), with its errors as FidError."""
     try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            if response.status != 206:  # the server sent the whole file: start over
-                done = 0
-            total = done + int(response.headers.get("Content-Length", 0))
-            with open(part, "ab" if done else "wb") as f, tqdm(total=total, initial=done, unit="B", unit_scale=True,
-                                                                  desc=f"downloading {path.name}") as bar:
-                while chunk := response.read(1 << 20):
-                    f.write(chunk)
-                    bar.update(len(chunk))
-    except urllib.error.HTTPError as e:
-        if e.code != 416:  # 416: nothing left to fetch, the .part file is already complete
-            raise FidError(f"could not download {url} (HTTP {e.code}); {by_hand}") from e
-    except OSError as e:  # URLError included: offline, DNS, refused, ...
-        raise FidError(f"could not download {url} ({getattr(e, 'reason', e)}); {by_hand}") from e
-    actual = sha256_of(part)
-    if actual != sha256:
-        part.unlink()
-        raise FidError(f"downloaded {path.name} has SHA-256 {actual}, expected {sha256}; deleted it, try again")
-    os.replace(part, path)  # atomic: path only ever holds a verified file
+        data.download(url, os.fspath(path), sha256=sha256)
+    except data.DataError as e:
+        raise FidError(f"{e} (or pass --weights PATH)") from None
 
 
 def load_inception(weights=None, resize="tf1", device="cpu"):
@@ -322,12 +292,9 @@ def load_inception(weights=None, resize="tf1", device="cpu"):
         state_dict = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as e:  # missing file, not a torch file, pickled code, ...
         raise FidError(f"could not load FID Inception weights from {weights}: {e}".splitlines()[0]) from e
-    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
-    found = {key: tuple(value.shape) for key, value in state_dict.items()} if isinstance(state_dict, dict) else {}
-    if found != expected:
-        missing = sorted(expected.keys() - found.keys())
-        unexpected = sorted(found.keys() - expected.keys())
-        reshaped = sorted(key for key in expected.keys() & found.keys() if expected[key] != found[key])
+    found = state_dict if isinstance(state_dict, dict) else {}
+    missing, reshaped, unexpected = checkpoint.mismatches(model.state_dict(), found)
+    if missing or reshaped or unexpected:
         raise FidError(f"{weights} is not the FID Inception ({WEIGHTS_URL.rsplit('/', 1)[1]}): "
                        f"{len(missing)} missing keys {missing[:2]}, {len(unexpected)} unexpected keys "
                        f"{unexpected[:2]}, {len(reshaped)} wrong shapes {reshaped[:2]}")
@@ -424,7 +391,6 @@ def iterate_folder(paths, batch_size):
 def load_training_set(name, root):
     """The training images of cifar10, mnist or fashion-mnist as uint8 (N, S, S, 3): S = 32 for CIFAR-10 and 28
     for the MNISTs, whose gray levels are replicated to RGB, as sample.py writes them."""
-    import data  # imported here, so that FID on .npz files and folders needs nothing else of ours
     try:
         if name == "cifar10":
             return data.load_cifar10(root or "./data")[0]  # uint8 (50000, 32, 32, 3)
@@ -442,9 +408,9 @@ def source_statistics(source, get_model, batch_size, device, data_root=None):
         images = load_training_set(source, data_root)
         batches, total = iterate_array(images, batch_size), -(-len(images) // batch_size)
     elif path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in data.IMAGE_EXTENSIONS and p.is_file())
         if not files:
-            raise FidError(f"{path}: no images found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+            raise FidError(f"{path}: no images found (looked for {', '.join(data.IMAGE_EXTENSIONS)})")
         batches, total = iterate_folder(files, batch_size), None
     elif path.suffix == ".npz":
         with np.load(path) as npz:
@@ -498,7 +464,7 @@ def main(argv=None):
     parser.add_argument("--resize", choices=["tf1", "pytorch"], default="tf1",
                         help="tf1: ADM / torch-fidelity numbers (default); pytorch: pytorch-fid numbers")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=runtime.default_device())
     parser.add_argument("--data-root", default=None, help="where a training-set source lives (default: where "
                                                           "train.py looks: ./data, ./data/<name>, ...)")
     parser.add_argument("--debug", action="store_true", help="show the traceback on errors")
@@ -514,7 +480,7 @@ def main(argv=None):
             model = load_inception(args.weights, args.resize, args.device)
         return model
 
-    try:
+    def run():
         stats = [source_statistics(s, get_model, args.batch_size, args.device, args.data_root) for s in args.sources]
         if args.stats:
             mu, sigma = stats[0]
@@ -522,11 +488,10 @@ def main(argv=None):
             print(f"wrote {args.stats}: mu {mu.shape}, sigma {sigma.shape}")
         else:
             print(f"FID {frechet_distance(*stats[0], *stats[1]):.8g}")
-    except (FidError, OSError, ValueError, zipfile.BadZipFile) as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+
+    code = runtime.run(run, args.debug, {(FidError, OSError, ValueError, zipfile.BadZipFile): 2})
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

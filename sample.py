@@ -22,8 +22,12 @@ import zipfile
 
 import numpy as np
 import torch
+from PIL import Image
 
-LATENT_SCALE = 0.18215  # SD-VAE latents are trained at this scale (data.py / vae.py store them scaled)
+import checkpoint
+import runtime
+import vae
+from model import MODELS, Generator
 
 
 @torch.no_grad()
@@ -52,9 +56,6 @@ class SampleError(Exception):
 
 def load_generator(args):
     """-> (generator in eval mode on CPU, nfe, pred). Ours or the authors' file, checked against --nfe."""
-    import checkpoint
-    from model import MODELS, Generator
-
     state = checkpoint.load(args.ckpt)
     if isinstance(state, dict) and "generator_kwargs" in state:  # a ckpt.pt written by train.py
         generator = Generator(**state["generator_kwargs"])
@@ -86,6 +87,23 @@ def load_generator(args):
     return generator.eval(), nfe, args.pred or ("v" if has_t_src else "x")
 
 
+def grid_labels(num_classes, per_class=8, max_classes=10):
+    """The labels of a progress grid: a row of per_class samples for each of at most max_classes evenly spaced
+    classes."""
+    classes = torch.linspace(0, num_classes - 1, min(num_classes, max_classes)).round().long()
+    return classes.repeat_interleave(per_class)
+
+
+def write_grid(images, path, nrow):
+    """uint8 (N, H, W, C) images (to_uint8's) -> one PNG, nrow images per row."""
+    rows = (len(images) + nrow - 1) // nrow
+    N, H, W, C = images.shape
+    grid = np.zeros((rows * H, nrow * W, C), dtype=np.uint8)
+    for i, image in enumerate(images.numpy()):
+        grid[(i // nrow) * H:(i // nrow + 1) * H, (i % nrow) * W:(i % nrow + 1) * W] = image
+    Image.fromarray(grid).save(path)
+
+
 def to_uint8(images):
     """[-1, 1] float (N, C, H, W) -> uint8 RGB (N, H, W, 3), rounded to nearest (never floored). One channel
     (MNIST, Fashion-MNIST) is replicated to three, as PNG viewers and the FID Inception expect."""
@@ -100,9 +118,8 @@ def make_decoder(generator, vae_path, device):
     if vae_path is None:
         raise SampleError("this generator works in the SD-VAE latent space: pass --vae PATH "
                           "(sd-vae-ft-mse weights) to decode its samples")
-    import vae
     autoencoder = vae.load_vae(vae_path, device)
-    return lambda z: autoencoder.decode(z / LATENT_SCALE)
+    return lambda z: autoencoder.decode(z / vae.SCALING_FACTOR)
 
 
 def sample_images(generator, decode, indices, labels, seed, nfe, pred, device):
@@ -178,22 +195,14 @@ def sample_grid(args, generator, decode, nfe, pred, device):
         except ValueError:
             raise SampleError(f"--labels takes comma-separated class numbers, e.g. 3,3,5; got {args.labels!r}") \
                 from None
-    else:  # a row of 8 per class, for at most 10 evenly spaced classes
-        classes = np.linspace(0, generator.num_classes - 1, min(generator.num_classes, 10)).round().astype(int)
-        labels = np.repeat(classes, 8)[:args.num_samples or None].tolist()
+    else:
+        labels = grid_labels(generator.num_classes)[:args.num_samples or None].tolist()
     bad = [c for c in labels if not 0 <= c < generator.num_classes]
     if bad:
         raise SampleError(f"--labels {bad[0]} is out of range: this generator has classes 0..{generator.num_classes - 1}")
     images = sample_images(generator, decode, np.arange(len(labels)), torch.tensor(labels), args.seed, nfe, pred,
                            device)
-    from PIL import Image
-    nrow = min(len(labels), 8)
-    rows = (len(labels) + nrow - 1) // nrow
-    N, H, W, C = images.shape
-    grid = np.zeros((rows * H, nrow * W, C), dtype=np.uint8)
-    for i, image in enumerate(images.numpy()):
-        grid[(i // nrow) * H:(i // nrow + 1) * H, (i % nrow) * W:(i % nrow + 1) * W] = image
-    Image.fromarray(grid).save(args.out)
+    write_grid(images, args.out, nrow=min(len(labels), 8))
     print(f"wrote {len(labels)} samples to {args.out}")
 
 
@@ -217,39 +226,32 @@ def main(argv=None):
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     args = p.parse_args(argv)
 
-    import checkpoint
     try:
-        if args.nfe is not None and args.nfe < 1:
-            raise SampleError(f"--nfe must be a positive number of steps, got {args.nfe}")
-        if args.batch_size < 1:
-            raise SampleError(f"--batch-size must be positive, got {args.batch_size}")
-        rank, world_size = 0, 1
-        if "RANK" in os.environ:
-            rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-            use_cuda = torch.cuda.is_available() and args.device in (None, "cuda")
-            torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
-            device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if use_cuda else "cpu")
-        else:
-            device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True  # the paper's precision
-        generator, nfe, pred = load_generator(args)
-        generator.to(device)
-        decode = make_decoder(generator, args.vae, device)
-        if args.npz:
-            if not args.num_samples or args.num_samples <= 0:
-                raise SampleError("--npz needs --num-samples N > 0")
-            sample_npz(args, generator, decode, nfe, pred, device, rank, world_size)
-        else:
-            sample_grid(args, generator, decode, nfe, pred, device)
-    except (SampleError, checkpoint.CheckpointError) as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        code = runtime.run(lambda: run(args), args.debug, {(SampleError, checkpoint.CheckpointError): 2})
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+    if code:
+        sys.exit(code)
+
+
+def run(args):
+    if args.nfe is not None and args.nfe < 1:
+        raise SampleError(f"--nfe must be a positive number of steps, got {args.nfe}")
+    if args.batch_size < 1:
+        raise SampleError(f"--batch-size must be positive, got {args.batch_size}")
+    rank, world_size, device = runtime.setup_distributed(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # the paper's precision
+    generator, nfe, pred = load_generator(args)
+    generator.to(device)
+    decode = make_decoder(generator, args.vae, device)
+    if args.npz:
+        if not args.num_samples or args.num_samples <= 0:
+            raise SampleError("--npz needs --num-samples N > 0")
+        sample_npz(args, generator, decode, nfe, pred, device, rank, world_size)
+    else:
+        sample_grid(args, generator, decode, nfe, pred, device)
 
 
 if __name__ == "__main__":

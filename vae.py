@@ -44,6 +44,7 @@ At 256 px that is 16,392 bytes per image, about 21 GB for ImageNet's 1.28M train
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import sys
 
@@ -51,7 +52,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.distributed as dist
 from tqdm import tqdm
+
+import checkpoint
+import data
+import runtime
 
 SCALING_FACTOR = 0.18215  # latent = SCALING_FACTOR * posterior mean (sd-vae-ft-mse)
 
@@ -149,34 +155,31 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-class EncoderBlock(nn.Module):
+class ResolutionBlock(nn.Module):
+    """ResNet blocks at one resolution, then a resampler stored under diffusers' name for it (or none)."""
+
+    def __init__(self, in_channels, out_channels, layers, resampler, name):
+        super().__init__()
+        widths = [in_channels] + [out_channels] * layers
+        self.resnets = nn.ModuleList([ResnetBlock(a, b) for a, b in zip(widths[:-1], widths[1:])])
+        self.name = name
+        setattr(self, name, nn.ModuleList([resampler(out_channels)]) if resampler else None)
+
+    def forward(self, x):
+        for resnet in self.resnets:
+            x = resnet(x)
+        resamplers = getattr(self, self.name)
+        return x if resamplers is None else resamplers[0](x)
+
+
+class EncoderBlock(ResolutionBlock):
     def __init__(self, in_channels, out_channels, downsample):
-        super().__init__()
-        widths = [in_channels] + [out_channels] * LAYERS_PER_BLOCK
-        self.resnets = nn.ModuleList([ResnetBlock(a, b) for a, b in zip(widths[:-1], widths[1:])])
-        self.downsamplers = nn.ModuleList([Downsample(out_channels)]) if downsample else None
-
-    def forward(self, x):
-        for resnet in self.resnets:
-            x = resnet(x)
-        if self.downsamplers is not None:
-            x = self.downsamplers[0](x)
-        return x
+        super().__init__(in_channels, out_channels, LAYERS_PER_BLOCK, downsample and Downsample, "downsamplers")
 
 
-class DecoderBlock(nn.Module):
+class DecoderBlock(ResolutionBlock):
     def __init__(self, in_channels, out_channels, upsample):
-        super().__init__()
-        widths = [in_channels] + [out_channels] * (LAYERS_PER_BLOCK + 1)
-        self.resnets = nn.ModuleList([ResnetBlock(a, b) for a, b in zip(widths[:-1], widths[1:])])
-        self.upsamplers = nn.ModuleList([Upsample(out_channels)]) if upsample else None
-
-    def forward(self, x):
-        for resnet in self.resnets:
-            x = resnet(x)
-        if self.upsamplers is not None:
-            x = self.upsamplers[0](x)
-        return x
+        super().__init__(in_channels, out_channels, LAYERS_PER_BLOCK + 1, upsample and Upsample, "upsamplers")
 
 
 # -----------------------------------------------------------------------------
@@ -279,17 +282,9 @@ class AutoencoderKL(nn.Module):
 
 def check_state_dict(expected, got):
     """Raise VAEError naming the first key that is missing or wrongly shaped in `got`, or else unexpected in it."""
-    hint = "expected a diffusers AutoencoderKL state dict of stabilityai/sd-vae-ft-mse"
-    for name, tensor in expected.items():
-        if name not in got:
-            raise VAEError(f"missing key {name!r} ({hint})")
-        if tuple(got[name].shape) != tuple(tensor.shape):
-            raise VAEError(
-                f"key {name!r} has shape {tuple(got[name].shape)}, expected {tuple(tensor.shape)} ({hint})"
-            )
-    for name in got:
-        if name not in expected:
-            raise VAEError(f"unexpected key {name!r} ({hint})")
+    mismatch = checkpoint.first_mismatch(expected, got)
+    if mismatch is not None:
+        raise VAEError(f"{mismatch} (expected a diffusers AutoencoderKL state dict of stabilityai/sd-vae-ft-mse)")
 
 
 def load_vae(path, device="cpu"):
@@ -342,12 +337,59 @@ class BothFlips(torch.utils.data.Dataset):
         return torch.stack([image, flipped]), label
 
 
-def default_device():
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+@torch.no_grad()
+def encode_latents(autoencoder, images):
+    """[-1, 1] images (N, 3, 256, 256) -> scaled SD-VAE latents (N, 4, 32, 32): a posterior sample, encoded in
+    bf16 on CUDA (as the authors do) and fp32 elsewhere."""
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=images.device.type == "cuda"):
+        mean, logvar = autoencoder.encode(images)
+    mean, logvar = mean.float(), logvar.float()
+    return SCALING_FACTOR * (mean + torch.exp(0.5 * logvar) * torch.randn_like(mean))
+
+
+@dataclasses.dataclass
+class TrainingData:
+    """What the networks of train.py and classifier.py train on: the resumable loader, and next_batch() -> (x, y) as the networks see them."""
+    loader: data.Loader
+    next_batch: object
+    size: int             # training samples
+    num_classes: int
+    in_channels: int      # of the networks' input: 4 for SD-VAE latents
+    input_size: int
+    autoencoder: object   # the SD-VAE of --vae, or None
+
+    def decode(self, x):
+        """The networks' space -> [-1, 1] pixels; None for latents without --vae."""
+        if self.in_channels != 4:
+            return x
+        return self.autoencoder.decode(x / SCALING_FACTOR) if self.autoencoder is not None else None
+
+
+def open_data(args, rank, world_size, device, flip=True, decoder=False):
+    """The --data source as batches of --batch-size / world_size per rank. Rank 0 reads (or downloads) it first.
+    An ImageNet image folder is encoded on the fly into SD-VAE latents; decoder=True also loads --vae to decode
+    latents that were extracted beforehand."""
+    if world_size > 1 and rank > 0:
+        dist.barrier()  # rank 0 first, so that only it downloads
+    dataset, num_classes, in_channels, input_size = data.make_dataset(args.data, args.data_path, args.image_size)
+    if world_size > 1 and rank == 0:
+        dist.barrier()
+    encode = args.data == "imagenet" and in_channels == 3
+    if encode and not args.vae:
+        raise data.DataError("--data imagenet with an image folder needs --vae (sd-vae-ft-mse weights), or "
+                             "latents extracted once with `python vae.py`")
+    wanted = args.vae and (encode or decoder)
+    autoencoder = load_vae(args.vae, device).requires_grad_(False) if wanted else None
+    if encode:
+        in_channels, input_size = 4, input_size // 8
+    loader = data.Loader(dataset, args.batch_size // world_size, rank=rank, world_size=world_size, seed=args.seed,
+                         num_workers=args.num_workers, device=device, flip=flip)
+
+    def next_batch():
+        x, y = next(loader)
+        return (encode_latents(autoencoder, x) if encode else x), y
+
+    return TrainingData(loader, next_batch, len(dataset), num_classes, in_channels, input_size, autoencoder)
 
 
 def extract_latents(weights, data_path, out, image_size=256, batch_size=64, device=None, workers=4):
@@ -360,9 +402,8 @@ def extract_latents(weights, data_path, out, image_size=256, batch_size=64, devi
         raise VAEError(f"--image-size must be a multiple of 8, got {image_size}")
     if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
         raise VAEError(f"the directory of --out {out} does not exist")
-    device = torch.device(device or default_device())
+    device = torch.device(device or runtime.default_device())
     vae = load_vae(weights, device)
-    import data  # imported here so that the VAE itself needs nothing of ours
 
     folder = data.ImageFolder(data_path, image_size)  # raises data.DataError for a missing or empty folder
     # bf16 on CUDA (as the latents are stored in fp16 anyway), fp32 elsewhere
@@ -410,16 +451,9 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loader processes")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
-    try:
-        extract_latents(
-            args.weights, args.data_path, args.out, args.image_size, args.batch_size, args.device, args.workers
-        )
-    except Exception as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    extract = lambda: extract_latents(args.weights, args.data_path, args.out, args.image_size, args.batch_size,
+                                      args.device, args.workers)
+    return runtime.run(extract, args.debug, {Exception: 2})
 
 
 if __name__ == "__main__":

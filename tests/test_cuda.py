@@ -137,15 +137,15 @@ def test_vae_fp32_matches_diffusers(vae_reference, precision):
 
 
 def test_bf16_encode_matches_diffusers(vae_reference, precision):
-    """train.encode_latents, the on-the-fly encoding of train.py: bf16 autocast on CUDA, fp32 latents out. The
+    """vae.encode_latents, the on-the-fly encoding of train.py: bf16 autocast on CUDA, fp32 latents out. The
     posterior noise is drawn again from the same seed to build the expected sample from diffusers' mean/logvar."""
     reference, autoencoder = vae_reference
     precision("tf32")
     torch.manual_seed(3)
-    latents = train.encode_latents(autoencoder, reference["image"].to(CUDA))
+    latents = vae.encode_latents(autoencoder, reference["image"].to(CUDA))
     torch.manual_seed(3)
     noise = torch.randn(reference["enc_mean"].shape, device=CUDA).cpu()
-    expected = sample_mod.LATENT_SCALE * (reference["enc_mean"] + torch.exp(0.5 * reference["enc_logvar"]) * noise)
+    expected = vae.SCALING_FACTOR * (reference["enc_mean"] + torch.exp(0.5 * reference["enc_logvar"]) * noise)
     assert latents.dtype == torch.float32 and latents.device.type == "cuda"
     assert rel_err(latents.cpu(), expected) < VAE_TOL["bf16"]
 
@@ -283,7 +283,7 @@ def test_compiled_steps_match_eager_without_recompiling(precision, fresh_dynamo)
         compiled_losses += run_steps(compiled, args, 2, autocast, first=2)
     assert frames() == warm_frames
     assert_same_training(eager, compiled, eager_losses, compiled_losses, initial)
-    # What train.checkpoint_state saves comes from the plain modules: no torch.compile prefix.
+    # What checkpoint.training_state saves comes from the plain modules: no torch.compile prefix.
     for module in (compiled.G, compiled.D, compiled.ema, compiled.gradnorm):
         assert not any(key.startswith("_orig_mod.") for key in module.state_dict())
 

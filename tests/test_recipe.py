@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import checkpoint
 import data
 import losses
+import recipe
 import train
 from model import Classifier, Generator
 from synthetic import make_images, write_cifar_archive
@@ -82,7 +83,7 @@ def test_multistep_guidance_only_on_the_chosen_target_times(tmp_path, monkeypatc
     import classifier as classifier_file
     monkeypatch.setattr(classifier_file, "load_classifier", lambda path, device: classifier)
     args = train.parse_args(["--nfe", "4", "--classifier", "c.pt", "--cg-scale", "0.02", "--cg-target-times", "0"])
-    guidance = train.make_guidance(args, torch.device("cpu"))
+    guidance = recipe.make_guidance(args, torch.device("cpu"))
     fake, y = torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))
     t = torch.tensor([0.0, 0.25, 0.5, 0.0])
     ce = F.cross_entropy(classifier(fake, t), y, reduction="none")
@@ -110,8 +111,8 @@ def test_any_step_guidance_applies_at_every_target_time(monkeypatch):
     classifier = frozen_classifier()
     import classifier as classifier_file
     monkeypatch.setattr(classifier_file, "load_classifier", lambda path, device: classifier)
-    guidance = train.make_guidance(train.parse_args(["--nfe", "any", "--classifier", "c.pt", "--cg-scale", "0.02"]),
-                                   torch.device("cpu"))
+    guidance = recipe.make_guidance(train.parse_args(["--nfe", "any", "--classifier", "c.pt", "--cg-scale", "0.02"]),
+                                    torch.device("cpu"))
     fake, y, t = torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,)), torch.tensor([0.0, 0.13, 0.5, 0.91])
     assert torch.allclose(guidance(fake, y, t), 0.02 * F.cross_entropy(classifier(fake, t), y))
 
@@ -160,8 +161,8 @@ def test_d_reload_on_stall_restores_the_kept_d(cifar, tmp_path, monkeypatch):
     """Scripted FIDs 5, 4, 6, 7: the best is at step 2; after two evaluations without improvement (steps 3
     and 4) D is reset to its step-2 weights, which best.pt also holds."""
     scores = iter([5.0, 4.0, 6.0, 7.0])
-    monkeypatch.setattr(train, "in_loop_fid", lambda *args: next(scores))
-    monkeypatch.setattr(train.fid, "load_inception", lambda *args, **kwargs: None)
+    monkeypatch.setattr(recipe, "in_loop_fid", lambda *args: next(scores))
+    monkeypatch.setattr(recipe.fid, "load_inception", lambda *args, **kwargs: None)
     reference = tmp_path / "ref.npz"
     np.savez(reference, mu=np.zeros(3), sigma=np.eye(3))
     out = tmp_path / "out"
@@ -189,8 +190,8 @@ def test_the_four_phases_in_sequence_end_with_a_checkpoint_sample_py_reads(cifar
     import classifier
     import sample
     scores = iter([3.0, 2.0, 2.5, 1.0, 1.5, 1.8])
-    monkeypatch.setattr(train, "in_loop_fid", lambda *args: next(scores))
-    monkeypatch.setattr(train.fid, "load_inception", lambda *args, **kwargs: None)
+    monkeypatch.setattr(recipe, "in_loop_fid", lambda *args: next(scores))
+    monkeypatch.setattr(recipe.fid, "load_inception", lambda *args, **kwargs: None)
     reference = tmp_path / "ref.npz"
     np.savez(reference, mu=np.zeros(3), sigma=np.eye(3))
     fid_flags = ["--fid-every", "1", "--fid-ref", str(reference)]

@@ -1,5 +1,6 @@
 """train.py end to end, on small data in the real formats: a CIFAR-10-format archive and a PNG class folder."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -97,14 +98,14 @@ def test_requires_grad_pattern_isolates_the_updates(cifar, tmp_path):
     g_before = {k: v.clone() for k, v in nets.G.state_dict().items()}
     d_before = {k: v.clone() for k, v in nets.D.state_dict().items()}
 
-    train.d_update(nets, args, x, y, train.contextlib.nullcontext)
+    train.d_update(nets, args, x, y, contextlib.nullcontext)
     assert all(torch.equal(v, g_before[k]) for k, v in nets.G.state_dict().items())
     assert all(p.grad is None for p in nets.G.parameters())
     assert any(not torch.equal(v, d_before[k]) for k, v in nets.D.state_dict().items())
 
     d_after = {k: v.clone() for k, v in nets.D.state_dict().items()}
     nets.opt_d.zero_grad(set_to_none=True)
-    train.g_update(nets, args, x, y, 0.2, train.contextlib.nullcontext)
+    train.g_update(nets, args, x, y, 0.2, contextlib.nullcontext)
     assert all(torch.equal(v, d_after[k]) for k, v in nets.D.state_dict().items())
     assert all(p.grad is None for p in nets.D.parameters())  # no parameter gradients for the frozen D
     assert any(not torch.equal(v, g_before[k]) for k, v in nets.G.state_dict().items())

@@ -1,0 +1,59 @@
+"""What every entry point shares: the processes and the device it runs on, the matmul precision, and how an
+error becomes a one-line message and an exit code.
+
+train.py, classifier.py, sample.py, fid.py and vae.py all start here, so that --device, torchrun and the exit codes
+mean the same in each. It imports nothing of ours.
+"""
+
+import contextlib
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+
+
+def default_device():
+    """The first available of cuda, mps, cpu."""
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def setup_distributed(device_arg=None):
+    """-> rank, world_size, device. Under torchrun: NCCL on CUDA, gloo on CPU. Plain python: one process."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device(device_arg or default_device())
+    rank, world_size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    use_cuda = torch.cuda.is_available() and device_arg in (None, "cuda")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    return rank, world_size, torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+
+
+def set_precision(precision, device):
+    """TF32 matmuls unless "fp32" (the paper trains in TF32); -> the autocast context of the forward passes:
+    bf16 only when asked for, on CUDA. CPUs without bf16 units run autocast far slower than fp32."""
+    tf32 = precision != "fp32"
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    if precision == "bf16" and device.type == "cuda":
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def run(body, debug, codes, quiet=lambda error: False):
+    """body() -> 0; or, for an error of a class in codes ({class or tuple of classes: exit code}, first match
+    wins), one line "error: ..." on stderr (unless quiet(error)) and its exit code. --debug re-raises instead."""
+    classes = tuple(c for key in codes for c in (key if isinstance(key, tuple) else (key,)))
+    try:
+        body()
+    except classes as error:
+        if debug:
+            raise
+        if not quiet(error):
+            print(f"error: {error}", file=sys.stderr)
+        return next(code for key, code in codes.items() if isinstance(error, key))
+    return 0
