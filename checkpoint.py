@@ -7,10 +7,10 @@
 - load_weights(): compares keys and shapes first, so a mismatch is reported as one line naming the first
   offending key, instead of PyTorch's multi-line dump.
 
-And the state of a run, so that a resumed run continues bitwise exactly: the output folder, every rank's random
-state (a resumed run draws exactly the numbers it would have drawn), the SIGINT/SIGTERM flag that saves before
-exiting, the training clock, the resumed configuration (the checkpoint's, with the flags typed now on top), and
-train.py's ckpt.pt itself: what it holds, --keep's step-stamped copies, restoring it.
+And the state of a run, so that a resumed run continues bitwise exactly: the output folder, every rank's
+random state (a resumed run draws exactly the numbers it would have drawn), the SIGINT/SIGTERM flag that saves
+before exiting, the training clock, the resumed configuration (the checkpoint's, with the flags typed now on
+top), and train.py's ckpt.pt itself: what it holds, --keep's step-stamped copies, restoring it.
 """
 
 import contextlib
@@ -67,14 +67,15 @@ def load(path):
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        with warnings.catch_warnings():  # a plain (non-torch) pickle makes torch warn about its protocol first
+        with warnings.catch_warnings():  # a plain (non-torch) pickle makes torch warn about its protocol
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         message = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch colours its message for terminals
         found = re.search(r"GLOBAL [\w.]+", message)  # the class or function torch's unpickler refused
         if found is None and not _pickle_with_globals(path):
-            raise CheckpointError(f"checkpoint {path} is corrupt (not a readable PyTorch checkpoint)") from None
+            raise CheckpointError(f"checkpoint {path} is corrupt (not a readable PyTorch checkpoint)") \
+                from None
         reason = found.group(0) if found else "a plain pickle that imports code"
         raise CheckpointError(f"refusing to load {path}: it is not a plain weights file and would need "
                               f"arbitrary unpickling, which can run code ({reason})") from None
@@ -85,7 +86,8 @@ def load(path):
 def mismatches(expected, found):
     """The keys where state dict found does not fit expected: -> (missing, reshaped, unexpected) key lists."""
     missing = [key for key in expected if key not in found]
-    reshaped = [key for key in expected if key in found and tuple(found[key].shape) != tuple(expected[key].shape)]
+    reshaped = [key for key in expected
+                if key in found and tuple(found[key].shape) != tuple(expected[key].shape)]
     unexpected = [key for key in found if key not in expected]
     return missing, reshaped, unexpected
 
@@ -109,7 +111,7 @@ def load_weights(module, state_dict, what="checkpoint"):
     module.load_state_dict(state_dict)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Resumable runs
 
 
@@ -195,13 +197,14 @@ def resumed_config(saved, current, given, fixed):
     for name in sorted(given & set(fixed)):
         if name in saved and saved[name] != current[name]:
             flag = "--" + name.replace("_", "-")
-            raise CheckpointError(f"{flag} cannot change on --resume (the checkpoint has {saved[name]!r}, the "
-                                  f"command line {current[name]!r}); start a new run, or drop {flag}")
+            raise CheckpointError(f"{flag} cannot change on --resume (the checkpoint has {saved[name]!r}, "
+                                  f"the command line {current[name]!r}); start a new run, or drop {flag}")
     return {**current, **{k: v for k, v in saved.items() if k in current and k not in given}}
 
 
 def prepare_out_dir(out_dir):
-    """check_out_dir, then remove the temporary files of a process killed while writing (never a checkpoint)."""
+    """check_out_dir, then remove the temporary files of a process killed while writing (never a
+    checkpoint)."""
     check_out_dir(out_dir)
     for name in os.listdir(out_dir):
         if name.startswith(".") and ".pt.tmp" in name:
@@ -227,7 +230,7 @@ class Clock:
             self.paused_seconds += time.time() - tic
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # train.py's ckpt.pt: the networks, optimizers, data position and random streams, and the run's configuration
 
 
@@ -239,7 +242,8 @@ def training_state(nets, args, step, loader, world_size, network_kwargs, extra):
              "discriminator_kwargs": discriminator_kwargs,
              "G": nets.G.state_dict(), "ema": nets.ema.state_dict(), "D": nets.D.state_dict(),
              "gradnorm": nets.gradnorm.state_dict(), "opt_g": nets.opt_g.state_dict(),
-             "opt_d": nets.opt_d.state_dict(), "data": loader.state_dict(), "rng": gather_rng_states(world_size)}
+             "opt_d": nets.opt_d.state_dict(), "data": loader.state_dict(),
+             "rng": gather_rng_states(world_size)}
     return {**state, **extra}
 
 
@@ -276,8 +280,8 @@ def load_networks(nets, state, source):
 
 def restore(nets, state, loader, rank, world_size, args):
     """Everything a checkpoint holds, so that the run continues exactly as if it had never stopped; then the
-    learning rates and weight decay of args, which --resume may have changed (an optimizer's state_dict carries
-    its own)."""
+    learning rates and weight decay of args, which --resume may have changed (an optimizer's state_dict
+    carries its own)."""
     load_networks(nets, state, "checkpoint")
     nets.opt_g.load_state_dict(state["opt_g"])
     nets.opt_d.load_state_dict(state["opt_d"])
@@ -288,5 +292,6 @@ def restore(nets, state, loader, rank, world_size, args):
     if len(state["rng"]) == world_size:
         set_rng_state(state["rng"][rank])
     else:
-        print("warning: resuming with a different number of processes; random streams restart", file=sys.stderr)
+        print("warning: resuming with a different number of processes; random streams restart",
+              file=sys.stderr)
         torch.manual_seed(state["step"] * 1000 + rank)

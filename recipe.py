@@ -1,14 +1,15 @@
 """The paper's recipe around the plain training loop, and evaluation during training.
 
-    phases      --phase 1..4 applies a row of Table 11 (TABLE_11 below); --init-from continues the previous phase
-    guidance    flow-based classifier guidance in the G update (eqs. 26 and 38), with a classifier.py classifier
+    phases      --phase 1..4 applies a row of Table 11 (TABLE_11 below); --init-from continues the previous
+                phase's run
+    guidance    flow-based classifier guidance in the G update (eqs. 26 and 38), with a classifier.py network
     augment     discriminator augmentation (augment.py), phase 4
     reloads     --ema-reload-every copies the EMA into G; --d-reload-on-stall resets D to its best-FID weights
-    evaluation  in-loop FID of the EMA, best.pt at each new best; the sample judge (quality.py) on small datasets
+    evaluation  in-loop FID of the EMA, best.pt at each new best; the sample judge (quality.py) on small data
 
-train.py calls this file at four points: add_arguments() and defaults() when parsing, validate() before the run,
-start() once the networks exist, and Recipe.after_step() after each step. Without its flags every piece is off
-and train.py runs the plain algorithm.
+train.py calls this file when parsing (add_arguments, phase_preset, defaults), before the run (validate), once
+the networks exist (start, make_guidance, make_augment, Recipe) and after each step (Recipe.after_step).
+Without its flags every piece is off and train.py runs the plain algorithm.
 """
 
 import os
@@ -27,7 +28,7 @@ import quality
 from augment import PairedAugment
 from sample import sample_images
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Table 11: the schedule the authors ran by hand, one row per phase. A pair is (1-NFE, multi-step). Deep 1-NFE
 # generators (--repeat R) use the D learning rate lr_deep[R] where the table gives one, and G's = D's / R.
 
@@ -48,8 +49,9 @@ TABLE_11 = {
 PHASE_1_OT_END = {"B/2": 0.01}  # B/2 ends its lambda_ot decay at 0.01 instead of 0.005
 PHASE_4_CG_T = "0,0.1"          # 1-NFE guidance draws t' ~ U(0, 0.1); multi-step guides at CG_TARGET_TIMES
 
-# Multi-step guidance applies the cross-entropy at t' = t on these target times only (Table 11, eq. 38). The paper
-# gives them for 2 and 4 NFE; other K need --cg-target-times. Any-step models guide every sample at its own t.
+# Multi-step guidance applies the cross-entropy at t' = t on these target times only (Table 11, eq. 38). The
+# paper gives them for 2 and 4 NFE; other K need --cg-target-times. Any-step models guide every sample at
+# its own t.
 CG_TARGET_TIMES = {2: "0", 4: "0,0.25"}
 
 
@@ -76,37 +78,36 @@ def defaults(nfe):
 
 def add_arguments(parser):
     p = parser.add_argument_group("the paper's recipe (Table 11) and evaluation during training (recipe.py)")
-    p.add_argument("--phase", type=int, choices=[1, 2, 3, 4], default=None,
-                   help="apply that row of the paper's Table 11 for --model/--nfe/--repeat; explicit flags win")
-    p.add_argument("--init-from", default=None, help="start from another run's ckpt.pt: G, EMA, D and gradnorm "
-                   "state are kept, optimizers and hyperparameters are new (the previous phase's checkpoint)")
-    p.add_argument("--classifier", default=None, help="classifier.pt for flow-based classifier guidance")
-    p.add_argument("--cg-scale", type=float, default=None, help="lambda_cg (default 0: no guidance; phase 4: "
-                   "0.003 for 1-NFE, 0.02 multi-step)")
-    p.add_argument("--cg-t", default=None, help=f"1-NFE guidance: t' ~ U(lo, hi), as 'lo,hi' (eq. 26; default "
-                   f"{PHASE_4_CG_T})")
-    p.add_argument("--cg-target-times", default=None, help="multi-step guidance: CE at t' = the target time, on "
-                   "these target times, e.g. '0,0.25' (default: Table 11's for 2 and 4 NFE)")
-    p.add_argument("--augment-p", type=float, default=None, help="discriminator augmentation probability "
-                   "(default 0; phase 4: 0.4)")
-    p.add_argument("--ema-reload-every", type=int, default=None, help="copy the EMA into G every N steps "
-                   "(default 0: off; phases 2-4: 5000)")
-    p.add_argument("--d-reload", default=None, help="start D from this checkpoint's D")
-    p.add_argument("--d-reload-on-stall", type=int, default=None, help="reload D from the best-FID point after "
-                   "this many evaluations without improvement (default 0: off; phases 3-4: 3)")
-    p.add_argument("--fid-every", type=int, default=0, help="in-loop FID of the EMA every N steps (0: off)")
-    p.add_argument("--fid-samples", type=int, default=10_000, help="class-balanced samples per in-loop FID")
-    p.add_argument("--fid-ref", default=None, help="reference statistics .npz (mu, sigma) from `fid.py --stats`")
-    p.add_argument("--fid-weights", default=None, help="FID Inception weights (default: downloaded once)")
-    p.add_argument("--judge-every", type=int, default=None, help="every N steps, label class-balanced 1-NFE EMA "
-                   "samples with a small classifier trained on the real images: class accuracy and Frechet "
-                   "distance in its features (quality.py; cifar10, mnist, fashion-mnist and small folders; 0: off)")
-    p.add_argument("--judge", default=None, help="judge file for --judge-every (default: OUT_DIR/judge.pt, "
-                   "trained there on first use, about a minute on a CPU)")
-    p.add_argument("--judge-samples", type=int, default=1000, help="samples per judgement")
+    add = p.add_argument
+    add("--phase", type=int, choices=[1, 2, 3, 4], help="apply that row of the paper's Table 11 for "
+        "--model/--nfe/--repeat; explicit flags win")
+    add("--init-from", help="start from another run's ckpt.pt: G, EMA, D and gradnorm state are kept, "
+        "optimizers and hyperparameters are new (the previous phase's checkpoint)")
+    add("--classifier", help="classifier.pt for flow-based classifier guidance")
+    add("--cg-scale", type=float, help="lambda_cg (default 0: no guidance; phase 4: 0.003 for 1-NFE, 0.02 "
+        "multi-step)")
+    add("--cg-t", help=f"1-NFE guidance: t' ~ U(lo, hi), as 'lo,hi' (eq. 26; default {PHASE_4_CG_T})")
+    add("--cg-target-times", help="multi-step guidance: CE at t' = the target time, on these target times, "
+        "e.g. '0,0.25' (default: Table 11's, for 2 and 4 NFE)")
+    add("--augment-p", type=float, help="discriminator augmentation probability (default 0; phase 4: 0.4)")
+    add("--ema-reload-every", type=int, help="copy the EMA into G every N steps (default 0: off; phases 2-4: "
+        "5000)")
+    add("--d-reload", help="start D from this checkpoint's D")
+    add("--d-reload-on-stall", type=int, help="reload D from the best-FID point after this many evaluations "
+        "without improvement (default 0: off; phases 3-4: 3)")
+    add("--fid-every", type=int, default=0, help="in-loop FID of the EMA every N steps (0: off)")
+    add("--fid-samples", type=int, default=10_000, help="class-balanced samples per in-loop FID")
+    add("--fid-ref", help="reference statistics .npz (mu, sigma) from `fid.py --stats`")
+    add("--fid-weights", help="FID Inception weights (default: downloaded once)")
+    add("--judge-every", type=int, help="every N steps, label class-balanced 1-NFE EMA samples with a small "
+        "classifier trained on the real images: class accuracy and Frechet distance in its features "
+        "(quality.py; cifar10, mnist, fashion-mnist and small folders; 0: off; default: the --data row's)")
+    add("--judge", help="judge file for --judge-every (default: OUT_DIR/judge.pt, trained there on first "
+        "use, about a minute on a CPU)")
+    add("--judge-samples", type=int, default=1000, help="samples per judgement")
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Checking the flags
 
 
@@ -116,48 +117,48 @@ class ArgumentError(data.DataError):
 
 def validate(args):
     if args.cg_scale > 0 and not args.classifier:
-        raise ArgumentError("classifier guidance (--cg-scale > 0, or --phase 4) needs --classifier PATH; train "
-                            "one with `python classifier.py`")
+        raise ArgumentError("classifier guidance (--cg-scale > 0, or --phase 4) needs --classifier PATH; "
+                            "train one with `python classifier.py`")
     if args.cg_scale > 0 and args.nfe == "any" and args.cg_target_times is not None:
         raise ArgumentError("--cg-target-times picks among a K-step model's target times; --nfe any draws t "
                             "continuously and guides every sample at t' = t (eq. 38): drop --cg-target-times")
     if args.cg_scale > 0 and args.nfe not in (1, "any"):
         check_target_times(args.cg_target_times, args.nfe)
     if args.judge_every and args.data == "imagenet":
-        raise ArgumentError("--judge-every judges small pixel datasets (cifar10, mnist, fashion-mnist, folder); "
-                            "on ImageNet use the in-loop FID (--fid-every)")
+        raise ArgumentError("--judge-every judges small pixel datasets (cifar10, mnist, fashion-mnist, "
+                            "folder); on ImageNet use the in-loop FID (--fid-every)")
     if args.d_reload_on_stall and not (args.fid_every and args.fid_ref):
-        raise ArgumentError("--d-reload-on-stall (phases 3 and 4) watches the in-loop FID: pass --fid-every N "
-                            "and --fid-ref STATS.npz, or --d-reload-on-stall 0")
+        raise ArgumentError("--d-reload-on-stall (phases 3 and 4) watches the in-loop FID: pass --fid-every "
+                            "N and --fid-ref STATS.npz, or --d-reload-on-stall 0")
 
 
 def check_target_times(text, nfe):
-    """--cg-target-times for a K-step generator: a comma-separated subset of its target times 0, 1/K, ..., 1 - 1/K
-    (any other time never occurs in training, so guidance there would silently do nothing)."""
+    """--cg-target-times for a K-step generator: a comma-separated subset of its target times 0, 1/K, ...,
+    1 - 1/K (any other time never occurs in training, so guidance there would silently do nothing)."""
     targets = [k / nfe for k in range(nfe)]
     listed = ", ".join(f"{t:g}" for t in targets)
     if text is None:
-        raise ArgumentError(f"multi-step guidance needs --cg-target-times for --nfe {nfe} (the paper gives them "
-                            f"for 2 and 4 NFE only): a comma-separated subset of {listed}")
+        raise ArgumentError(f"multi-step guidance needs --cg-target-times for --nfe {nfe} (the paper gives "
+                            f"them for 2 and 4 NFE only): a comma-separated subset of {listed}")
     try:
         times = [float(v) for v in text.split(",")]
     except ValueError:
         raise ArgumentError(f"--cg-target-times must be comma-separated numbers, got {text!r}") from None
     for chosen in times:
         if min(abs(chosen - t) for t in targets) > 1e-6:
-            raise ArgumentError(f"--cg-target-times {chosen:g} is not a target time of a {nfe}-step generator "
-                                f"({listed})")
+            raise ArgumentError(f"--cg-target-times {chosen:g} is not a target time of a {nfe}-step "
+                                f"generator ({listed})")
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # What the G and D updates receive
 
 
 def make_guidance(args, device):
-    """The flow-based classifier-guidance term for the G step, or None. The classifier is frozen, in eval mode,
-    and runs inside the same autocast as D. 1-NFE: t' ~ U(lo, hi) with fresh noise (eq. 26). Multi-step: the
-    cross-entropy at t' = the target time t of each sample, on the chosen target times only (eq. 38; Table 11);
-    any-step: the same on every sample, since its target times are continuous."""
+    """The flow-based classifier-guidance term for the G step, or None. The classifier is frozen, in eval
+    mode, and runs inside the same autocast as D. 1-NFE: t' ~ U(lo, hi) with fresh noise (eq. 26). Multi-step:
+    the cross-entropy at t' = the target time t of each sample, on the chosen target times only (eq. 38;
+    Table 11); any-step: the same on every sample, since its target times are continuous."""
     if args.cg_scale <= 0:
         return None
     guide = classifier.load_classifier(args.classifier, device)
@@ -189,7 +190,7 @@ def start(nets, args):
         checkpoint.load_weights(nets.D, state.get("D", state), what=f"--d-reload {args.d_reload}")
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # After each step: reloads and evaluation
 
 
@@ -221,10 +222,11 @@ def in_loop_fid(ema, args, inception, reference, decode, device, rank, world_siz
 class Recipe:
     """The reloads and evaluations that run after a step, and the state of them that ckpt.pt keeps.
 
-    log(record) writes a log line; run_state() is the ckpt.pt state now (best.pt is a copy of it); the clock is
-    paused while judging and computing FID, so that --max-minutes counts training alone."""
+    log(record, message) writes a log line; run_state() is the ckpt.pt state now (best.pt is a copy of it);
+    the clock is paused while judging and computing FID, so that --max-minutes counts training alone."""
 
-    def __init__(self, args, nets, shape, decode, device, rank, world_size, resume_state, log, run_state, clock):
+    def __init__(self, args, nets, shape, decode, device, rank, world_size, resume_state, log, run_state,
+                 clock):
         self.args = args
         self.nets = nets
         self.decode = decode
@@ -240,8 +242,8 @@ class Recipe:
         self.judge = None
         if args.judge_every and rank == 0:
             path = args.judge or os.path.join(args.out_dir, "judge.pt")
-            self.judge = quality.SampleJudge(*quality.judge_or_train(path, args.data, args.data_path, shape[-1]),
-                                             shape, args.judge_samples, args.seed)
+            judge_net = quality.judge_or_train(path, args.data, args.data_path, shape[-1])
+            self.judge = quality.SampleJudge(*judge_net, shape, args.judge_samples, args.seed)
         if args.fid_every:
             self.inception = fid.load_inception(args.fid_weights, device=device)
             self.reference = np.load(args.fid_ref)
@@ -263,25 +265,26 @@ class Recipe:
     def after_step(self, step, last):
         args = self.args
         if args.ema_reload_every and step % args.ema_reload_every == 0:
-            self.nets.G.load_state_dict(self.nets.ema.state_dict())  # the weight average is the better equilibrium
+            self.nets.G.load_state_dict(self.nets.ema.state_dict())  # the average is the better equilibrium
             self.log(dict(step=step, event="EMA reloaded into G"))
         if self.judge is not None and (step % args.judge_every == 0 or last):
             self.judge_samples(step)
         if args.fid_every and (step % args.fid_every == 0 or last):
             with self.clock.paused():
-                value = in_loop_fid(self.nets.ema, args, self.inception, self.reference, self.decode, self.device,
-                                    self.rank, self.world_size)
+                value = in_loop_fid(self.nets.ema, args, self.inception, self.reference, self.decode,
+                                    self.device, self.rank, self.world_size)
             self.log(dict(step=step, fid=value, fid_samples=args.fid_samples))
             self.track_best(step, value)
 
     def judge_samples(self, step):
         minutes = self.clock.seconds() / 60
         with self.clock.paused():
-            result = self.judge(self.nets.ema, nfe=8 if self.args.nfe == "any" else self.args.nfe, pred=self.args.pred)
+            nfe = 8 if self.args.nfe == "any" else self.args.nfe
+            result = self.judge(self.nets.ema, nfe=nfe, pred=self.args.pred)
         self.log(dict(step=step, minutes=minutes, **{f"judge_{k}": v for k, v in result.items()}),
-                 f"samples labelled as their class {result['accuracy']:.3f} ({result['accuracy_ratio']:.2f} of "
-                 f"real), Frechet distance {result['fd']:.1f} ({result['fd_ratio']:.3f} of the untrained "
-                 f"generator's)")
+                 f"samples labelled as their class {result['accuracy']:.3f} "
+                 f"({result['accuracy_ratio']:.2f} of real), Frechet distance {result['fd']:.1f} "
+                 f"({result['fd_ratio']:.3f} of the untrained generator's)")
 
     def track_best(self, step, value):
         """best.pt at each new best FID; D back to its best-FID weights after --d-reload-on-stall evaluations

@@ -1,8 +1,8 @@
 """What every entry point shares: the processes and the device it runs on, the matmul precision, and how an
 error becomes a one-line message and an exit code.
 
-train.py, classifier.py, sample.py, fid.py and vae.py all start here, so that --device, torchrun and the exit codes
-mean the same in each. It imports nothing of ours.
+train.py, classifier.py, sample.py, fid.py, vae.py and bench.py all start here, so that --device, torchrun and
+the exit codes mean the same in each. It imports nothing of ours.
 """
 
 import contextlib
@@ -45,8 +45,9 @@ def set_precision(precision, device):
 
 
 def run(body, debug, codes, quiet=lambda error: False):
-    """body() -> 0; or, for an error of a class in codes ({class or tuple of classes: exit code}, first match
-    wins), one line "error: ..." on stderr (unless quiet(error)) and its exit code. --debug re-raises instead."""
+    """body() -> 0; or, for an error of a class in codes ({class or tuple of classes: exit code}, first
+    match wins), one line "error: ..." on stderr (unless quiet(error)) and its exit code. With debug (--debug)
+    the error is raised, with its traceback."""
     classes = tuple(c for key in codes for c in (key if isinstance(key, tuple) else (key,)))
     try:
         body()

@@ -9,8 +9,8 @@ Checkpoints: our ckpt.pt (the generator is rebuilt from its stored constructor a
 default), or the authors' released bare generator state dicts, whose conditioning (class only, + source time,
 + target time) is read off their keys; --model, --repeat, --nfe and --pred describe the rest.
 
-The .npz for the ADM evaluation suite: arr_0 is uint8 (N, H, W, 3), class-balanced (sample i has class
-i mod num_classes), rounded to nearest, shuffled with a fixed permutation, with the matching `labels`. Sample i
+The .npz for the ADM evaluation suite: arr_0 is uint8 (N, H, W, 3), class-balanced (sample i has class i mod
+num_classes), rounded to nearest, shuffled with a fixed permutation, with the matching `labels`. Sample i
 always gets the noise of seed (--seed, i) and is computed in the same batch of --batch-size consecutive
 indices, so the file does not depend on the number of processes.
 """
@@ -23,6 +23,7 @@ import zipfile
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 import checkpoint
 import runtime
@@ -35,7 +36,8 @@ def sample(generator, noise, labels, nfe=1, pred="x"):
     """Run the generator over the time grid linspace(1, 0, nfe + 1) (eq. 39).
 
     pred "x": x <- G(x, y, s, t);   pred "v": x <- x - (s - t) G(x, y, s, t).
-    A 1-NFE generator ignores the times; a fixed K-step generator reads s; an any-step generator reads s and t.
+    A 1-NFE generator ignores the times; a fixed K-step generator reads s; an any-step generator reads s
+    and t.
     """
     times = torch.linspace(1, 0, nfe + 1, device=noise.device)
     x = noise
@@ -46,7 +48,7 @@ def sample(generator, noise, labels, nfe=1, pred="x"):
     return x
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Loading a generator
 
 
@@ -77,8 +79,8 @@ def load_generator(args):
         raise SampleError(f"{args.ckpt} is a 1-NFE generator (it has no time input); it cannot sample with "
                           f"--nfe {nfe}")
     if nfe == 1 and has_t_src and not has_t_tgt:
-        raise SampleError(f"{args.ckpt} has a time embedder: pass the --nfe of a multi-step generator (2 or 4), "
-                          f"or --repeat (2 or 4) for a deep 1-NFE one")
+        raise SampleError(f"{args.ckpt} has a time embedder: pass the --nfe of a multi-step generator "
+                          f"(2 or 4), or --repeat (2 or 4) for a deep 1-NFE one")
     num_classes = state["y_embedder.embedding_table.weight"].shape[0] if "y_embedder.embedding_table.weight" \
         in state else 1000
     generator = Generator(use_t_src=has_t_src, use_t_tgt=has_t_tgt, repeat=args.repeat, input_size=32,
@@ -125,21 +127,22 @@ def make_decoder(generator, vae_path, device):
 def sample_images(generator, decode, indices, labels, seed, nfe, pred, device):
     """uint8 images for the given global sample indices: the noise of sample i is seeded by (seed, i)."""
     shape = (generator.in_channels, generator.input_size, generator.input_size)
-    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + int(i)))
-                         for i in indices]).to(device)
+    streams = [torch.Generator().manual_seed(seed * 1_000_003 + int(i)) for i in indices]
+    noise = torch.stack([torch.randn(shape, generator=stream) for stream in streams]).to(device)
     x = sample(generator, noise, labels.to(device), nfe=nfe, pred=pred)
     return to_uint8(decode(x))
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # ADM-format .npz, streamed so neither the processes nor the assembly hold all N images in memory
 
 
 def write_npz(path, parts, labels, order, batch_size, world_size):
     """Assemble the per-rank part files into one .npz with arr_0 (shuffled by `order`) and labels.
 
-    Sample i lives in batch b = i // batch_size, which rank b % world_size computed as its (b // world_size)-th
-    batch. The array is written row-chunk by row-chunk straight into the (uncompressed) zip member.
+    Sample i lives in batch b = i // batch_size, which rank b % world_size computed as its
+    (b // world_size)-th batch. The array is written row-chunk by row-chunk straight into the (uncompressed)
+    zip member.
     """
     N = len(order)
     H, W, C = parts[0].shape[1:]
@@ -166,7 +169,6 @@ def sample_npz(args, generator, decode, nfe, pred, device, rank, world_size):
     H = generator.input_size * (8 if generator.in_channels == 4 else 1)  # SD-VAE latents decode at 8x
     part_path = f"{args.npz}.part{rank}.npy"
     part = np.lib.format.open_memmap(part_path, mode="w+", dtype=np.uint8, shape=(len(batches) * B, H, H, 3))
-    from tqdm import tqdm
     for k, batch in enumerate(tqdm(batches, disable=rank != 0, desc="sampling")):
         indices = np.arange(batch * B, min((batch + 1) * B, N))
         images = sample_images(generator, decode, indices, torch.from_numpy(labels[indices]), args.seed, nfe,
@@ -193,15 +195,16 @@ def sample_grid(args, generator, decode, nfe, pred, device):
         try:
             labels = [int(c) for c in args.labels.split(",")]
         except ValueError:
-            raise SampleError(f"--labels takes comma-separated class numbers, e.g. 3,3,5; got {args.labels!r}") \
-                from None
+            raise SampleError(f"--labels takes comma-separated class numbers, e.g. 3,3,5; got "
+                              f"{args.labels!r}") from None
     else:
         labels = grid_labels(generator.num_classes)[:args.num_samples or None].tolist()
     bad = [c for c in labels if not 0 <= c < generator.num_classes]
     if bad:
-        raise SampleError(f"--labels {bad[0]} is out of range: this generator has classes 0..{generator.num_classes - 1}")
-    images = sample_images(generator, decode, np.arange(len(labels)), torch.tensor(labels), args.seed, nfe, pred,
-                           device)
+        raise SampleError(f"--labels {bad[0]} is out of range: this generator has classes "
+                          f"0..{generator.num_classes - 1}")
+    images = sample_images(generator, decode, np.arange(len(labels)), torch.tensor(labels), args.seed, nfe,
+                           pred, device)
     write_grid(images, args.out, nrow=min(len(labels), 8))
     print(f"wrote {len(labels)} samples to {args.out}")
 
@@ -211,10 +214,13 @@ def main(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", default="out/ckpt.pt", help="our ckpt.pt, or an authors' generator .pth")
     p.add_argument("--weights", choices=["ema", "G"], default="ema", help="which generator of our ckpt.pt")
-    p.add_argument("--nfe", type=int, default=None, help="sampling steps (default: what the model was trained for)")
-    p.add_argument("--pred", choices=["x", "v"], default=None, help="default: the checkpoint's, or x for 1 NFE")
+    p.add_argument("--nfe", type=int, default=None,
+                   help="sampling steps (default: what the model was trained for)")
+    p.add_argument("--pred", choices=["x", "v"], default=None,
+                   help="default: the checkpoint's, or x for 1 NFE")
     p.add_argument("--model", default="XL/2", help="architecture of an authors' bare state dict")
-    p.add_argument("--repeat", type=int, default=1, help="depth repetition of an authors' deep generator (2 or 4)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="depth repetition of an authors' deep generator (2 or 4)")
     p.add_argument("--vae", default=None, help="sd-vae-ft-mse weights, for latent generators")
     p.add_argument("--labels", default=None, help="comma-separated class labels for the grid, e.g. 3,3,5")
     p.add_argument("--num-samples", type=int, default=None, help="grid size, or N for --npz")

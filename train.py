@@ -1,18 +1,21 @@
 """Train an Adversarial Flow Model: the configuration, the networks, the D and G updates, and the loop.
 
-    python train.py                                    # tiny model, CIFAR-10, pixel space, on one CPU or GPU
+    python train.py                                   # tiny model, CIFAR-10, pixel space, on one CPU or GPU
     torchrun --nproc_per_node=8 train.py --data imagenet --data-path latents.npy --model XL/2   # the paper
 
-One step is one discriminator update followed by one generator update (paper sec. 3.1; TTUR 1:1), each on its own
-data batch of --batch-size images (global, split over ranks):
+One step is one discriminator update followed by one generator update (paper sec. 3.1; TTUR 1:1), each on its
+own data batch of --batch-size images (global, split over ranks):
 
-    D update    losses.discriminator_objective: relativistic loss + w-weighted finite-difference R1/R2 + centering
+    D update    losses.discriminator_objective: relativistic loss + w-weighted finite-difference R1/R2
+                + logit centering
     G update    losses.generator_objective: relativistic loss through gradnorm.py + lambda_ot * OT loss / w,
                 with D frozen (its parameters get no gradients)
-    schedule    lambda_ot follows a cosine from --ot-start to --ot-end over --ot-decay-steps, then stays (Table 2)
+    schedule    lambda_ot follows a cosine from --ot-start to --ot-end over --ot-decay-steps, then stays
+                (Table 2)
 
-Around them: data.py (the data sources), checkpoint.py (run state: ckpt.pt, resume, signals), recipe.py (Table 11's
-phases, guidance, reloads, in-loop FID and the sample judge), runtime.py (processes, devices, exit codes).
+Around them: data.py and vae.open_data (the data), checkpoint.py (run state: ckpt.pt, resume, signals),
+recipe.py (Table 11's phases, guidance, reloads, in-loop FID, the sample judge), runtime.py (processes,
+devices and exit codes).
 
 Under torchrun each rank runs this same file; DDP averages gradients only where a network is being updated:
 the D update goes through DDP(D), the G update through DDP(G), and the frozen or no_grad calls use the plain
@@ -46,41 +49,51 @@ from recipe import ArgumentError
 from runtime import run, set_precision, setup_distributed
 from sample import grid_labels, sample_images, write_grid
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 1. Configuration. A flag left unset takes, in this order: its --phase row (recipe.TABLE_11), its --data row
-# below, then PAPER (the paper's values, some depending on --nfe). --help lists each row's value.
+# below, then paper_defaults() (the paper's values, some depending on --nfe). --help shows each row's value.
 
 PRESETS = {
-    # The laptop default: a tiny DiT on 32x32 CIFAR-10 pixels. lambda_ot decays over the first 2000 steps: while it
-    # is near 0.2 the OT term holds G close to the identity (samples look like noise; see README).
+    # The laptop default: a tiny DiT on 32x32 CIFAR-10 pixels. lambda_ot decays over the first 2000 steps:
+    # while it is near 0.2 the OT term holds G close to the identity (samples look like noise; see README).
     # CIFAR-10 sits in memory, so reading it needs no worker processes.
-    "cifar10": dict(model="T/4", image_size=32, batch_size=32, lr=2e-4, max_steps=20_000, ema_decay=0.999,
-                    ot_decay_steps=2_000, ckpt_every=1000, sample_every=1000, log_every=50, num_workers=0),
-    "mnist": dict(model="T/4", image_size=28, batch_size=32, lr=2e-3, max_steps=20_000, ema_decay=0.99, ema_warmup=10,
-                  ot_start=0.05, ot_end=0.005, ot_decay_steps=500, flip=False, judge_every=100, ckpt_every=500,
-                  sample_every=200, log_every=25, num_workers=0),
-    "fashion-mnist": dict(model="T/4", image_size=28, batch_size=32, lr=2e-3, max_steps=20_000, ema_decay=0.99,
-                          ema_warmup=10, ot_start=0.05, ot_end=0.005, ot_decay_steps=500, flip=False,
-                          judge_every=100, ckpt_every=500, sample_every=200, log_every=25, num_workers=0),
-    "folder": dict(model="T/4", image_size=32, batch_size=32, lr=2e-4, max_steps=20_000, ema_decay=0.999,
-                   ot_decay_steps=2_000, ckpt_every=1000, sample_every=1000, log_every=50, num_workers=4),
-    # The paper (Table 10/11, phase 1): XL/2 on SD-VAE latents, batch 256, lr 1e-4, EMA 0.9999, lambda_ot decayed
-    # over 100 epochs = 1M alternating iterations = 500k of our D+G steps.
-    "imagenet": dict(model="XL/2", image_size=256, batch_size=256, lr=1e-4, max_steps=1_000_000, ema_decay=0.9999,
-                     ot_decay_steps=500_000, ckpt_every=5000, sample_every=5000, log_every=100, num_workers=8),
+    "cifar10": dict(model="T/4", image_size=32, batch_size=32, lr=2e-4, max_steps=20_000,
+                    ema_decay=0.999,
+                    ot_decay_steps=2_000,
+                    ckpt_every=1000, sample_every=1000, log_every=50, num_workers=0),
+    "mnist": dict(model="T/4", image_size=28, batch_size=32, lr=2e-3, max_steps=20_000,
+                  ema_decay=0.99, ema_warmup=10, flip=False, judge_every=100,
+                  ot_start=0.05, ot_end=0.005, ot_decay_steps=500,
+                  ckpt_every=500, sample_every=200, log_every=25, num_workers=0),
+    "fashion-mnist": dict(model="T/4", image_size=28, batch_size=32, lr=2e-3, max_steps=20_000,
+                          ema_decay=0.99, ema_warmup=10, flip=False, judge_every=100,
+                          ot_start=0.05, ot_end=0.005, ot_decay_steps=500,
+                          ckpt_every=500, sample_every=200, log_every=25, num_workers=0),
+    "folder": dict(model="T/4", image_size=32, batch_size=32, lr=2e-4, max_steps=20_000,
+                   ema_decay=0.999,
+                   ot_decay_steps=2_000,
+                   ckpt_every=1000, sample_every=1000, log_every=50, num_workers=4),
+    # The paper (Table 10/11, phase 1): XL/2 on SD-VAE latents, batch 256, lr 1e-4, EMA 0.9999, lambda_ot
+    # decayed over 100 epochs = 1M alternating iterations = 500k of our D+G steps.
+    "imagenet": dict(model="XL/2", image_size=256, batch_size=256, lr=1e-4, max_steps=1_000_000,
+                     ema_decay=0.9999,
+                     ot_decay_steps=500_000,
+                     ckpt_every=5000, sample_every=5000, log_every=100, num_workers=8),
 }
 
 
 def paper_defaults(nfe, repeat):
     """What a data row leaves unset: the paper's values. Multi-step generators predict velocities and start
-    lambda_ot at 0.25; multi-step and deep ones clip gradients at 5 (the authors' configs), 1-NFE ones at 50."""
+    lambda_ot at 0.25; multi-step and deep ones clip gradients at 5 (the authors' configs), 1-NFE ones at 50.
+    The recipe's flags are off."""
     multi_step = nfe != 1
     return dict(pred="v" if multi_step else "x", ot_start=0.25 if multi_step else 0.2, ot_end=0.005,
-                grad_clip=5.0 if multi_step or repeat > 1 else 50.0, ema_warmup=0, flip=True, **recipe.defaults(nfe))
+                grad_clip=5.0 if multi_step or repeat > 1 else 50.0, ema_warmup=0, flip=True,
+                **recipe.defaults(nfe))
 
 
-# What the weights, the data position or the random streams depend on: a resumed run cannot change these. Every
-# other flag given with --resume takes effect (learning rates, schedules, guidance, logging, precision, ...).
+# What the weights, the data position or the random streams depend on: a resumed run cannot change these.
+# Every other flag given with --resume takes effect (learning rates, schedules, guidance, logging, ...).
 FIXED_ON_RESUME = ("data", "image_size", "model", "nfe", "pred", "repeat", "batch_size", "seed", "phase",
                    "init_from", "d_reload")
 
@@ -102,13 +115,13 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        description="Train an Adversarial Flow Model. One step = one D update + one G update, each on a batch of "
-                    "--batch-size images (global, over all ranks).",
+        description="Train an Adversarial Flow Model. One step = one D update + one G update, each on a "
+                    "batch of --batch-size images (global, over all ranks).",
         formatter_class=HelpFormatter)
     add = p.add_argument
     add("--data", choices=list(PRESETS), default="cifar10",
-        help="cifar10, mnist, fashion-mnist: downloaded to ./data once; folder: root/<class>/<image>; imagenet: a "
-             "latents .npy from `python vae.py` or an image folder encoded with --vae")
+        help="cifar10, mnist, fashion-mnist: downloaded to ./data once; folder: root/<class>/<image>; "
+             "imagenet: a latents .npy from `python vae.py` or an image folder encoded with --vae")
     add("--data-path", help="dataset location (cifar10: directory of the archive)")
     add("--image-size", type=int, help="pixels " + per_source("image_size"))
     add("--vae", help="sd-vae-ft-mse weights, to encode an ImageNet image folder on the fly")
@@ -118,39 +131,44 @@ def parse_args(argv=None):
         "otherwise, as in the paper)")
     add("--repeat", type=int, default=1, help="depth repetition of G's blocks (2 -> 56, 4 -> 112 layers for "
         "XL/2); G's learning rate is divided by it")
-    add("--batch-size", type=int, help="global batch for each of the D and G updates " + per_source("batch_size"))
+    add("--batch-size", type=int,
+        help="global batch for each of the D and G updates " + per_source("batch_size"))
     add("--lr", type=float, help="AdamW learning rate of D, and of G before / repeat " + per_source("lr"))
     add("--g-lr", type=float, help="G's learning rate (default: --lr / --repeat)")
     add("--weight-decay", type=float, default=0.01, help="AdamW weight decay of G and D")
     add("--ema-decay", type=float, help=per_source("ema_decay"))
-    add("--ema-warmup", type=int, help="the EMA decays at min(--ema-decay, (1 + step) / (warmup + step)), so it "
-        "forgets the random start within a few steps " + per_source("ema_warmup", "0, off, as the paper"))
-    add("--flip", action=argparse.BooleanOptionalAction, help="random horizontal flips of the training images "
-        "(default: on; off for mnist and fashion-mnist, whose mirrored digits and shoes are not in the data)")
+    add("--ema-warmup", type=int, help="the EMA decays at min(--ema-decay, (1 + step) / (warmup + step)), so "
+        "it forgets the random start within a few steps " + per_source("ema_warmup", "0, off, as the paper"))
+    add("--flip", action=argparse.BooleanOptionalAction, help="random horizontal flips of the training "
+        "images (default: on; off for mnist and fashion-mnist, whose mirrored digits and shoes are not in "
+        "the data)")
     add("--grad-clip", type=float, help="max gradient norm (default 50 for 1-NFE, 5 for multi-step and deep "
         "generators, as the authors' configs)")
-    add("--ot-start", type=float, help="lambda_ot at step 0 " + per_source("ot_start", "0.2; 0.25 multi-step"))
+    add("--ot-start", type=float,
+        help="lambda_ot at step 0 " + per_source("ot_start", "0.2; 0.25 multi-step"))
     add("--ot-end", type=float, help="lambda_ot after the cosine decay " + per_source("ot_end", "0.005"))
-    add("--ot-decay-steps", type=int, help="length of the cosine decay, in steps " + per_source("ot_decay_steps"))
+    add("--ot-decay-steps", type=int,
+        help="length of the cosine decay, in steps " + per_source("ot_decay_steps"))
     add("--gp-scale", type=float, default=0.25, help="lambda_gp for the R1 and R2 penalties")
     add("--gp-eps", type=float, default=0.01, help="finite-difference step of R1/R2")
     add("--gp-ratio", type=float, default=0.25, help="fraction of the batch that gets R1/R2")
     add("--cp-scale", type=float, default=0.01, help="lambda_cp of the logit-centering penalty")
     add("--max-steps", type=int, help=per_source("max_steps"))
-    add("--max-minutes", type=float, help="also stop after this many minutes of training (judging and FID not "
-        "counted)")
+    add("--max-minutes", type=float,
+        help="also stop after this many minutes of training (judging and FID not counted)")
     add("--out-dir", default="out")
     add("--resume", action="store_true", help="continue from --out-dir/ckpt.pt; flags given now take effect, "
         "except " + ", ".join("--" + f.replace("_", "-") for f in FIXED_ON_RESUME))
     add("--seed", type=int, default=0)
     add("--device", help="cuda, mps or cpu (default: the first available)")
-    add("--precision", choices=["fp32", "tf32", "bf16"], default="tf32", help="CUDA matmul precision; bf16 is "
-        "autocast and opt-in (the paper trains in TF32). CPU always runs fp32")
+    add("--precision", choices=["fp32", "tf32", "bf16"], default="tf32", help="CUDA matmul precision; bf16 "
+        "is autocast and opt-in (the paper trains in TF32). CPU always runs fp32")
     add("--compile", action="store_true", help="torch.compile G and D")
     add("--num-workers", type=int, help="data-loading worker processes per rank " + per_source("num_workers"))
     add("--ckpt-every", type=int, help=per_source("ckpt_every"))
     add("--keep", type=int, default=0, help="also keep the last N step-stamped checkpoints")
-    add("--sample-every", type=int, help="write an EMA sample grid every N steps " + per_source("sample_every"))
+    add("--sample-every", type=int,
+        help="write an EMA sample grid every N steps " + per_source("sample_every"))
     add("--log-every", type=int, help=per_source("log_every"))
     add("--max-bad-steps", type=int, default=5,
         help="stop after this many consecutive steps with a non-finite loss or gradient")
@@ -188,7 +206,7 @@ def validate(args, world_size):
     recipe.validate(args)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 2. The networks
 
 
@@ -205,7 +223,7 @@ class Nets:
     G_frozen: object     # G under no_grad in the D update: no gradient sync
     D_train: object      # D for the D update: DDP(D) under torchrun
     D_frozen: object     # D with frozen parameters in the G update: no gradient sync
-    d_params: list       # D's trainable parameters, frozen during the G update (the fixed pos_embed is not one)
+    d_params: list       # D's trainable parameters, frozen in the G update (the fixed pos_embed is not one)
 
 
 def network_kwargs(args, in_channels, input_size, num_classes):
@@ -238,7 +256,7 @@ def build_nets(args, generator_kwargs, discriminator_kwargs, device, distributed
                 D_train=wrap(D, True), D_frozen=wrap(D, False), d_params=d_params)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 3. The D and G updates
 
 
@@ -249,8 +267,8 @@ def ot_scale_at(step, start, end, decay_steps):
 
 
 def ema_decay_at(step, decay, warmup):
-    """min(decay, (1 + step) / (warmup + step)): an average over about step / warmup of the steps so far, until
-    that reaches the set decay. A short run's EMA then holds no trace of the random initial weights."""
+    """min(decay, (1 + step) / (warmup + step)): an average over about step / warmup of the steps so far,
+    until that reaches the set decay. A short run's EMA then holds no trace of the random initial weights."""
     return min(decay, (1 + step) / (warmup + step)) if warmup else decay
 
 
@@ -260,8 +278,8 @@ def update_ema(ema, model, decay):
 
 
 def d_update(nets, args, x, y, autocast, augment=None):
-    """One discriminator update. G runs under no_grad; D sees real, fake and the perturbed subsets in one forward.
-    Returns (metrics, finite)."""
+    """One discriminator update. G runs under no_grad; D sees real, fake and the perturbed subsets in one
+    forward. Returns (metrics, finite)."""
     with autocast():
         loss, metrics = losses.discriminator_objective(
             nets.G_frozen, nets.D_train, x, y, nfe=args.nfe, pred=args.pred, gp_scale=args.gp_scale,
@@ -301,7 +319,8 @@ def g_update(nets, args, x, y, ot_scale, autocast, augment=None, guidance=None, 
     return metrics, finite
 
 
-def train_step(nets, args, x_d, y_d, x_g, y_g, ot_scale, autocast, augment=None, guidance=None, ema_decay=None):
+def train_step(nets, args, x_d, y_d, x_g, y_g, ot_scale, autocast, augment=None, guidance=None,
+               ema_decay=None):
     """One step = one D update, then one G update, on independent batches. Returns (metrics, both finite).
 
     A non-finite loss or gradient skips that update, so a single bad batch cannot poison the weights; train()
@@ -313,7 +332,7 @@ def train_step(nets, args, x_d, y_d, x_g, y_g, ot_scale, autocast, augment=None,
     return {**d_metrics, **g_metrics}, d_ok and g_ok
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 4. The loop
 
 
@@ -349,7 +368,8 @@ class Log:
 
     def metrics(self, step, minutes, nets, ot_scale):
         names = list(self.pending[0])
-        values = torch.stack([torch.stack([m[n].float() for n in names]) for m in self.pending]).mean(0).tolist()
+        stacked = torch.stack([torch.stack([m[n].float() for n in names]) for m in self.pending])
+        values = stacked.mean(0).tolist()
         img_per_s = (step - self.tic_step) * self.batch_size / max(time.time() - self.tic, 1e-9)
         record = dict(step=step, minutes=minutes, **dict(zip(names, values)), ot_scale=ot_scale,
                       lr_g=nets.opt_g.param_groups[0]["lr"], lr_d=nets.opt_d.param_groups[0]["lr"],
@@ -378,7 +398,8 @@ def resumed_args(args, given):
 
 
 def write_progress_grid(nets, args, source, step, device):
-    """An EMA sample grid, a row of 8 per class, with the noise of sample indices 0.. (the same at every step)."""
+    """An EMA sample grid, a row of 8 per class, with the noise of sample indices 0, 1, ... (the same at every
+    step)."""
     if source.in_channels == 4 and source.autoencoder is None:
         return  # latents without --vae cannot be decoded
     labels = grid_labels(nets.ema.num_classes)
@@ -387,15 +408,11 @@ def write_progress_grid(nets, args, source, step, device):
     write_grid(images, os.path.join(args.out_dir, f"samples_{step:08d}.png"), nrow=8)
 
 
-def train(args):
-    rank, world_size, device = setup_distributed(args.device)
-    given = set(vars(args).pop("given", ()))
-    args, resume_state = resumed_args(args, given) if args.resume else (args, None)
-    validate(args, world_size)
-    main_process = rank == 0
-    if main_process:
+def start(args, rank, world_size, device, resume_state):
+    """The data, and the networks where they start: a resumed run, a previous phase (--init-from), or scratch.
+    -> (source, nets, network kwargs)."""
+    if rank == 0:
         checkpoint.prepare_out_dir(args.out_dir)
-    autocast = set_precision(args.precision, device)
     np.random.seed(args.seed)
     random.seed(args.seed)
     source = vae.open_data(args, rank, world_size, device, flip=args.flip, decoder=True)
@@ -407,13 +424,33 @@ def train(args):
         checkpoint.restore(nets, resume_state, source.loader, rank, world_size, args)
     else:
         recipe.start(nets, args)
+    return source, nets, kwargs
+
+
+def announce(args, nets, source, world_size, device, step):
+    """What runs: a line on the console, and the full configuration in the console and in config.json."""
+    n_params = sum(p.numel() for p in nets.G.parameters()) / 1e6
+    print(f"G {args.model} ({n_params:.1f}M params), {source.size} training samples, "
+          f"{world_size} x {device}, global batch {args.batch_size}, starting at step {step}")
+    print("config: " + json.dumps(vars(args)))
+    with open(os.path.join(args.out_dir, "config.json"), "w") as f:
+        json.dump(vars(args), f, indent=2)
+
+
+def train(args):
+    rank, world_size, device = setup_distributed(args.device)
+    given = set(vars(args).pop("given", ()))
+    args, resume_state = resumed_args(args, given) if args.resume else (args, None)
+    validate(args, world_size)
+    autocast = set_precision(args.precision, device)
+    source, nets, kwargs = start(args, rank, world_size, device, resume_state)
     step = resume_state["step"] if resume_state is not None else 0
     last_saved_step = step if resume_state is not None else None
     bad_steps = 0
     clock = checkpoint.Clock((resume_state or {}).get("train_seconds", 0.0))
     augment = recipe.make_augment(args)
     guidance = recipe.make_guidance(args, device)
-    log = Log(args, step, main_process)
+    log = Log(args, step, main_process=rank == 0)
 
     def run_state():
         extra = {**extras.state(), "train_seconds": clock.seconds()}
@@ -422,13 +459,8 @@ def train(args):
     shape = (source.in_channels, source.input_size, source.input_size)
     extras = recipe.Recipe(args, nets, shape, source.decode, device, rank, world_size, resume_state, log,
                            run_state, clock)
-    if main_process:
-        n_params = sum(p.numel() for p in nets.G.parameters()) / 1e6
-        print(f"G {args.model} ({n_params:.1f}M params), {source.size} training samples, {world_size} x {device}, "
-              f"global batch {args.batch_size}, starting at step {step}")
-        print("config: " + json.dumps(vars(args)))
-        with open(os.path.join(args.out_dir, "config.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
+    if rank == 0:
+        announce(args, nets, source, world_size, device, step)
     stop = checkpoint.StopFlag()
     try:
         extras.at_start(step)
@@ -447,7 +479,7 @@ def train(args):
             log.add(metrics)
             if due(step, args.log_every, last):
                 log.metrics(step, clock.seconds() / 60, nets, ot_scale)
-            if main_process and due(step, args.sample_every, last):
+            if rank == 0 and due(step, args.sample_every, last):
                 write_progress_grid(nets, args, source, step, device)
             extras.after_step(step, last)
             if args.max_minutes and clock.seconds() >= args.max_minutes * 60:
@@ -456,7 +488,7 @@ def train(args):
             # never over the last good checkpoint while steps are being skipped
             if due(step, args.ckpt_every, last or stopping) and bad_steps == 0:
                 state = run_state()
-                if main_process and checkpoint.save_training_state(state, nets, args.out_dir, args.keep):
+                if rank == 0 and checkpoint.save_training_state(state, nets, args.out_dir, args.keep):
                     last_saved_step = step
             log.progress.update(1)
             if stopping:
@@ -471,10 +503,11 @@ def train(args):
 
 def divergence_message(bad_steps, step, out_dir, last_saved_step):
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    where = (f"the last good checkpoint is {ckpt_path} (step {last_saved_step})" if last_saved_step is not None
-             else "no checkpoint was written")
-    return (f"the loss became non-finite: {bad_steps} consecutive steps up to step {step} were skipped; {where}. "
-            f"Lower --lr or resume from the checkpoint")
+    where = "no checkpoint was written"
+    if last_saved_step is not None:
+        where = f"the last good checkpoint is {ckpt_path} (step {last_saved_step})"
+    return (f"the loss became non-finite: {bad_steps} consecutive steps up to step {step} were skipped; "
+            f"{where}. Lower --lr or resume from the checkpoint")
 
 
 def said_by_rank_0(error):
