@@ -14,7 +14,7 @@ class-balanced 1-NFE samples of the EMA generator:
 Neither number is comparable with published FIDs: the feature space is a 20k-parameter CNN trained here, and the
 sample count is small (the FD of a finite sample is biased upwards; compare runs at the same count).
 
-    python quality.py --data fashion-mnist --out judge.pt      # train a judge once (about a minute on a CPU)
+    python quality.py --data fashion-mnist --out judge.pt      # train a judge once (60 s on one CPU core)
     python quality.py --judge judge.pt --ckpt out/ckpt.pt      # judge a checkpoint's EMA generator
 """
 
@@ -188,12 +188,13 @@ def main(argv=None):
                                             "checkpoint's EMA generator with one.")
     p.add_argument("--data", default="fashion-mnist", choices=["mnist", "fashion-mnist", "cifar10", "folder"])
     p.add_argument("--data-path", default=None)
-    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--image-size", type=int, default=None, help="as train.py's preset: 28 for the MNISTs, else 32")
     p.add_argument("--out", default=None, help="train a judge and write it here")
     p.add_argument("--judge", default=None, help="a judge file, to judge --ckpt")
     p.add_argument("--ckpt", default=None, help="a train.py checkpoint: its EMA generator is judged")
     p.add_argument("--samples", type=int, default=1000)
     args = p.parse_args(argv)
+    args.image_size = args.image_size or (28 if args.data in data.IDX_SOURCES else 32)
     try:
         if args.out:
             checkpoint.save(train_judge(args.data, args.data_path, args.image_size), args.out)

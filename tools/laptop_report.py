@@ -1,0 +1,123 @@
+"""Draw what a laptop run learnt: quality against training minutes, and sample grids at chosen minutes.
+
+    python tools/laptop_report.py out/afm out/gan --names "AFM" "lambda_ot = 0" --minutes 2 10 30 \\
+        --curve docs/laptop_curve.png --grids docs/laptop_grids.png
+
+Reads each run's log.jsonl (the judge_* records of train.py --judge-every) and its samples_*.png grids. The curve
+has two panels, sample class accuracy / A_real and the Frechet distance in the judge's features / the untrained
+generator's (log scale), against minutes of training. The grids are the EMA sample grids written nearest to each
+chosen minute, one column per minute, one row per run. Prints the table of the numbers behind both pictures.
+"""
+
+import argparse
+import json
+import math
+import os
+
+from PIL import Image, ImageDraw
+
+COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
+
+
+def judge_records(run):
+    with open(os.path.join(run, "log.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    return [r for r in records if "judge_accuracy" in r]
+
+
+def at_minute(records, minute):
+    """The judged record nearest to `minute`."""
+    return min(records, key=lambda r: abs(r["minutes"] - minute))
+
+
+def draw_panel(draw, box, runs, key, title, log_scale):
+    left, top, right, bottom = box
+    values = [r[key] for records in runs for r in records]
+    lo, hi = (min(values), max(values)) if not log_scale else (math.log10(min(values)), math.log10(max(values)))
+    hi = hi if hi > lo else lo + 1
+    x_max = max(r["minutes"] for records in runs for r in records)
+
+    def point(record):
+        value = math.log10(record[key]) if log_scale else record[key]
+        return (left + (right - left) * record["minutes"] / x_max, bottom - (bottom - top) * (value - lo) / (hi - lo))
+
+    draw.rectangle(box, outline=(0, 0, 0))
+    draw.text((left, top - 14), title, fill=(0, 0, 0))
+    for fraction in (0, 0.5, 1):
+        label = lo + fraction * (hi - lo)
+        label = f"{10 ** label:.3g}" if log_scale else f"{label:.2f}"
+        draw.text((left - 40, bottom - fraction * (bottom - top) - 6), label, fill=(0, 0, 0))
+    for minute in range(0, int(x_max) + 1, 5):
+        x = left + (right - left) * minute / x_max
+        draw.line([(x, bottom), (x, bottom + 4)], fill=(0, 0, 0))
+        draw.text((x - 6, bottom + 6), str(minute), fill=(0, 0, 0))
+    draw.text(((left + right) / 2 - 40, bottom + 20), "training minutes", fill=(0, 0, 0))
+    for i, records in enumerate(runs):
+        draw.line([point(r) for r in records], fill=COLOURS[i % len(COLOURS)], width=2)
+
+
+def draw_curves(runs, names, path):
+    image = Image.new("RGB", (900, 340), (255, 255, 255))  # two panels of 370 x 250 px
+    draw = ImageDraw.Draw(image)
+    draw_panel(draw, (60, 30, 430, 280), runs, "judge_accuracy_ratio",
+               "sample class accuracy / A_real (higher is better)", log_scale=False)
+    draw_panel(draw, (510, 30, 880, 280), runs, "judge_fd_ratio",
+               "Frechet distance / untrained generator's (log)", log_scale=True)
+    for i, name in enumerate(names):  # the legend, once, above both panels
+        draw.text((330 + 160 * i, 2), "-- " + name, fill=COLOURS[i % len(COLOURS)])
+    image.save(path)
+
+
+def nearest_grid(run, minute):
+    """The samples_<step>.png written nearest to `minute`, and the minute it was written at."""
+    steps = sorted(int(name[8:-4]) for name in os.listdir(run) if name.startswith("samples_") and name.endswith(".png"))
+    with open(os.path.join(run, "log.jsonl")) as f:
+        minutes_at = {r["step"]: r["minutes"] for r in map(json.loads, f) if "minutes" in r}
+    step = min((s for s in steps if s in minutes_at), key=lambda s: abs(minutes_at[s] - minute))
+    return Image.open(os.path.join(run, f"samples_{step:08d}.png")).convert("RGB"), minutes_at[step], step
+
+
+def draw_grids(runs, names, minutes, path, gap=12, label=18):
+    cells = [[nearest_grid(run, m) for m in minutes] for run in runs]
+    scale = max(1, 400 // cells[0][0][0].size[0])  # 28-px samples are drawn 2x, pixel for pixel
+    cells = [[(grid.resize((grid.size[0] * scale, grid.size[1] * scale), Image.NEAREST), minute, step)
+              for grid, minute, step in row] for row in cells]
+    width, height = cells[0][0][0].size
+    image = Image.new("RGB", (len(minutes) * (width + gap), len(runs) * (height + label + gap)), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    for row, (name, run_cells) in enumerate(zip(names, cells)):
+        for column, (grid, minute, step) in enumerate(run_cells):
+            x, y = column * (width + gap), row * (height + label + gap)
+            draw.text((x, y + 2), f"{name}: {minute:.1f} min (step {step})", fill=(0, 0, 0))
+            image.paste(grid, (x, y + label))
+    image.save(path)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("runs", nargs="+", help="train.py --out-dir folders")
+    p.add_argument("--names", nargs="+", help="one legend name per run (default: the folder names)")
+    p.add_argument("--minutes", nargs="+", type=float, default=[2, 10, 30])
+    p.add_argument("--curve", default="laptop_curve.png")
+    p.add_argument("--grids", default="laptop_grids.png")
+    args = p.parse_args()
+    names = args.names or [os.path.basename(os.path.normpath(run)) for run in args.runs]
+    runs = [judge_records(run) for run in args.runs]
+    draw_curves(runs, names, args.curve)
+    draw_grids(args.runs, names, args.minutes, args.grids)
+    print("| run | minutes | step | accuracy | / A_real | Frechet distance | / untrained |")
+    print("|---|---|---|---|---|---|---|")
+    for name, records in zip(names, runs):
+        for minute in args.minutes:
+            r = at_minute(records, minute)
+            print(f"| {name} | {r['minutes']:.1f} | {r['step']} | {r['judge_accuracy']:.3f} | "
+                  f"{r['judge_accuracy_ratio']:.3f} | {r['judge_fd']:.1f} | {r['judge_fd_ratio']:.3f} |")
+        for level in (0.5, 0.8, 0.9):
+            first = next((r for r in records if r["judge_accuracy_ratio"] >= level), None)
+            when = f"{first['minutes']:.1f} min (step {first['step']})" if first else "not reached"
+            print(f"{name}: sample accuracy {level:.0%} of A_real first at {when}")
+    print(f"wrote {args.curve} and {args.grids}")
+
+
+if __name__ == "__main__":
+    main()
