@@ -262,12 +262,14 @@ class Recipe:
         if self.judge is not None and step == 0:
             self.judge_samples(step)
 
-    def after_step(self, step, last):
+    def after_step(self, step, last, stopping=False):
+        """stopping: the run ends after this step (a signal or --max-minutes). The judge, which changes no state,
+        then labels the samples G ends with; FID keeps its schedule, as it can reload D."""
         args = self.args
         if args.ema_reload_every and step % args.ema_reload_every == 0:
             self.nets.G.load_state_dict(self.nets.ema.state_dict())  # the average is the better equilibrium
             self.log(dict(step=step, event="EMA reloaded into G"))
-        if self.judge is not None and (step % args.judge_every == 0 or last):
+        if self.judge is not None and (step % args.judge_every == 0 or last or stopping):
             self.judge_samples(step)
         if args.fid_every and (step % args.fid_every == 0 or last):
             with self.clock.paused():

@@ -1,6 +1,6 @@
 """Train an Adversarial Flow Model: the configuration, the networks, the D and G updates, and the loop.
 
-    python train.py                                   # tiny model, CIFAR-10, pixel space, on one CPU or GPU
+    python train.py                                   # tiny model, Fashion-MNIST, on a laptop CPU or one GPU
     torchrun --nproc_per_node=8 train.py --data imagenet --data-path latents.npy --model XL/2   # the paper
 
 One step is one discriminator update followed by one generator update (paper sec. 3.1; TTUR 1:1), each on its
@@ -53,37 +53,29 @@ from sample import grid_labels, sample_images, write_grid
 # 1. Configuration. A flag left unset takes, in this order: its --phase row (recipe.TABLE_11), its --data row
 # below, then paper_defaults() (the paper's values, some depending on --nfe). --help shows each row's value.
 
+# The laptop presets: a tiny DiT (T/4, 1.2M parameters, 4x4 patches) on small images, chosen from measured
+# runs on the real Fashion-MNIST (README, "What a laptop gets"). A laptop runs 1,000-3,000 steps where the
+# paper runs 500,000, so they depart from the paper's row below:
+#   lr 2e-3              20x the paper's 1e-4: the class embeddings start at N(0, 0.02) and the adaLN weights
+#                        at zero, so conditioning grows with lr^2; at 2e-4, 10 minutes ignored the class.
+#                        (1e-3 at batch 64 was slower per minute; 3e-3 was no faster.)
+#   EMA 0.99, warm-up 10 the EMA decays at min(0.99, (1 + step) / (10 + step)), so it never holds the random
+#                        start; the paper's 0.9999 would average over 10,000 steps a laptop never takes.
+#   lambda_ot 0.05 -> 0.005 over 500 steps: 0.2 holds G near z -> z for hundreds of steps (the samples are
+#                        noise); 0.1 -> 0.02 and 0.2 -> 0.05 over 1,000 steps learnt more slowly per step.
+#   batch 32: 28-px Fashion-MNIST runs ~76 steps a minute on one core of a 2-core CPU, 136 on both.
+# The MNISTs are 28 px (no padding: 23% fewer tokens than 32 px) and never flipped (a mirrored digit is not a
+# digit). In-memory datasets need no loader processes; a folder gets one, to decode while the model trains.
+# The judge (quality.py) labels samples every judge_every steps: on by default for the MNISTs, whose judge
+# trains in a minute; --judge-every N turns it on for CIFAR-10 and folders (it trains on the whole set first).
+LAPTOP = dict(model="T/4", batch_size=32, lr=2e-3, max_steps=20_000, ema_decay=0.99, ema_warmup=10,
+              ot_start=0.05, ot_end=0.005, ot_decay_steps=500, ckpt_every=500, sample_every=200, log_every=25)
+
 PRESETS = {
-    # The laptop presets: a tiny DiT (T/4, 1.2M parameters, 4x4 patches) on small images, chosen from measured
-    # runs on the real Fashion-MNIST (README, "What a laptop gets"). A laptop runs 1,000-3,000 steps where the
-    # paper runs 500,000, so they depart from the paper's row below:
-    #   lr 2e-3              20x the paper's 1e-4: the class embeddings start at N(0, 0.02) and the adaLN weights
-    #                        at zero, so conditioning grows with lr^2; at 2e-4, 10 minutes ignored the class.
-    #                        (1e-3 at batch 64 and 3e-3 were slower per minute.)
-    #   EMA 0.99, warm-up 10 the EMA decays at min(0.99, (1 + step) / (10 + step)), so it never holds the random
-    #                        start; the paper's 0.9999 would average over 10,000 steps a laptop never takes.
-    #   lambda_ot 0.05 -> 0.005 over 500 steps: 0.2 holds G near z -> z for hundreds of steps (the samples are
-    #                        noise); 0.1 -> 0.02 and 0.2 -> 0.05 over 1,000 steps learnt more slowly per step.
-    #   batch 32, one thread each: 28-px Fashion-MNIST runs ~90 steps a minute on one core of a 2-core CPU.
-    # The MNISTs are 28 px (no padding: 23% fewer tokens than 32 px) and never flipped (a mirrored digit is not a
-    # digit). In-memory datasets need no loader processes; a folder gets one, to decode while the model trains.
-    # The judge (quality.py) labels samples every judge_every steps: on by default where it is cheap to train.
-    "cifar10": dict(model="T/4", image_size=32, batch_size=32, lr=2e-3, max_steps=20_000,
-                    ema_decay=0.99, ema_warmup=10, flip=True, judge_every=100,
-                    ot_start=0.05, ot_end=0.005, ot_decay_steps=500,
-                    ckpt_every=500, sample_every=200, log_every=25, num_workers=0),
-    "mnist": dict(model="T/4", image_size=28, batch_size=32, lr=2e-3, max_steps=20_000,
-                  ema_decay=0.99, ema_warmup=10, flip=False, judge_every=100,
-                  ot_start=0.05, ot_end=0.005, ot_decay_steps=500,
-                  ckpt_every=500, sample_every=200, log_every=25, num_workers=0),
-    "fashion-mnist": dict(model="T/4", image_size=28, batch_size=32, lr=2e-3, max_steps=20_000,
-                          ema_decay=0.99, ema_warmup=10, flip=False, judge_every=100,
-                          ot_start=0.05, ot_end=0.005, ot_decay_steps=500,
-                          ckpt_every=500, sample_every=200, log_every=25, num_workers=0),
-    "folder": dict(model="T/4", image_size=32, batch_size=32, lr=2e-3, max_steps=20_000,
-                   ema_decay=0.99, ema_warmup=10, flip=True, judge_every=0,
-                   ot_start=0.05, ot_end=0.005, ot_decay_steps=500,
-                   ckpt_every=500, sample_every=200, log_every=25, num_workers=1),
+    "fashion-mnist": dict(LAPTOP, image_size=28, flip=False, judge_every=100, num_workers=0),
+    "mnist": dict(LAPTOP, image_size=28, flip=False, judge_every=100, num_workers=0),
+    "cifar10": dict(LAPTOP, image_size=32, flip=True, judge_every=0, num_workers=0),
+    "folder": dict(LAPTOP, image_size=32, flip=True, judge_every=0, num_workers=1),
     # The paper (Table 10/11, phase 1): XL/2 on SD-VAE latents, batch 256, lr 1e-4, EMA 0.9999, lambda_ot
     # decayed over 100 epochs = 1M alternating iterations = 500k of our D+G steps.
     "imagenet": dict(model="XL/2", image_size=256, batch_size=256, lr=1e-4, max_steps=1_000_000,
@@ -130,10 +122,12 @@ def parse_args(argv=None):
                     "batch of --batch-size images (global, over all ranks).",
         formatter_class=HelpFormatter)
     add = p.add_argument
-    add("--data", choices=list(PRESETS), default="cifar10",
-        help="cifar10, mnist, fashion-mnist: downloaded to ./data once; folder: root/<class>/<image>; "
-             "imagenet: a latents .npy from `python vae.py` or an image folder encoded with --vae")
-    add("--data-path", help="dataset location (cifar10: directory of the archive)")
+    add("--data", choices=list(PRESETS), default="fashion-mnist",
+        help="fashion-mnist, mnist, cifar10: downloaded to ./data once (Debian's dataset-fashion-mnist is found "
+             "too); folder: root/<class>/<image>; imagenet: a latents .npy from `python vae.py` or an image "
+             "folder encoded with --vae")
+    add("--data-path", help="dataset location (the MNISTs: the folder of the four IDX files; cifar10: the folder "
+                            "of the archive or of cifar-10-batches-py/)")
     add("--image-size", type=int, help="pixels " + per_source("image_size"))
     add("--vae", help="sd-vae-ft-mse weights, to encode an ImageNet image folder on the fly")
     add("--model", help=f"one of {', '.join(MODELS)} " + per_source("model"))
@@ -492,10 +486,10 @@ def train(args):
                 log.metrics(step, clock.seconds() / 60, nets, ot_scale)
             if rank == 0 and due(step, args.sample_every, last):
                 write_progress_grid(nets, args, source, step, device)
-            extras.after_step(step, last)
             if args.max_minutes and clock.seconds() >= args.max_minutes * 60:
                 stop.requested = True  # like a signal: every rank stops at this step, after a checkpoint
             stopping = stop.agreed(device, world_size)
+            extras.after_step(step, last, stopping)
             # never over the last good checkpoint while steps are being skipped
             if due(step, args.ckpt_every, last or stopping) and bad_steps == 0:
                 state = run_state()

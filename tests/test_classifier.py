@@ -100,7 +100,7 @@ def test_cli_writes_checkpoint_and_per_noise_level_log(tmp_path, monkeypatch):
 
 def test_load_classifier_refuses_other_files(cifar, tmp_path):
     gan_dir = tmp_path / "gan"
-    train.main(["--data-path", cifar, "--out-dir", str(gan_dir), "--max-steps", "1", "--model", "T/4",
+    train.main(["--data", "cifar10", "--data-path", cifar, "--out-dir", str(gan_dir), "--max-steps", "1", "--model", "T/4",
                 "--batch-size", "8", "--num-workers", "0"])
     with pytest.raises(checkpoint.CheckpointError, match="is a GAN checkpoint"):
         classifier.load_classifier(str(gan_dir / "ckpt.pt"))
@@ -110,12 +110,12 @@ def test_load_classifier_refuses_other_files(cifar, tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="not a classifier checkpoint"):
         classifier.load_classifier(str(tmp_path / "other.pt"))
     with pytest.raises(SystemExit) as exit_info:  # --resume where only the GAN's ckpt.pt is: a one-line error
-        train.main([*FAST, "--data-path", cifar, "--out-dir", str(gan_dir), "--resume"])
+        train.main([*FAST, "--data", "cifar10", "--data-path", cifar, "--out-dir", str(gan_dir), "--resume"])
     assert exit_info.value.code == 2
 
 
 def test_classifier_learns_and_noise_removes_the_signal(cifar, tmp_path):
-    run([*FAST, "--data-path", cifar, "--out-dir", str(tmp_path), "--max-steps", "40", "--batch-size", "16",
+    run([*FAST, "--data", "cifar10", "--data-path", cifar, "--out-dir", str(tmp_path), "--max-steps", "40", "--batch-size", "16",
          "--lr", "1e-3", "--log-every", "40", "--ckpt-every", "40"])
     net = classifier.load_classifier(str(tmp_path / "classifier.pt"))
     images, labels = make_images(per_class=10, seed=1)  # held out: a different seed than the training archive
@@ -131,7 +131,7 @@ def test_classifier_learns_and_noise_removes_the_signal(cifar, tmp_path):
 
 
 def test_resume_is_bitwise_exact(cifar, tmp_path):
-    common = [*FAST, "--data-path", cifar, "--log-every", "2", "--ckpt-every", "2"]
+    common = [*FAST, "--data", "cifar10", "--data-path", cifar, "--log-every", "2", "--ckpt-every", "2"]
     straight = run([*common, "--out-dir", str(tmp_path / "a"), "--max-steps", "4"])
     run([*common, "--out-dir", str(tmp_path / "b"), "--max-steps", "2"])
     resumed = run([*common, "--out-dir", str(tmp_path / "b"), "--max-steps", "4", "--resume"])
@@ -155,7 +155,7 @@ def test_classifier_py_is_its_own_entry_point_without_train_py():
 def test_resume_takes_a_new_learning_rate(cifar, tmp_path):
     """--resume --lr reaches the optimizer (whose state_dict carries the old rate) and the log; the model cannot
     change on resume."""
-    common = [*FAST, "--data-path", cifar, "--out-dir", str(tmp_path), "--log-every", "1"]
+    common = [*FAST, "--data", "cifar10", "--data-path", cifar, "--out-dir", str(tmp_path), "--log-every", "1"]
     run([*common, "--max-steps", "2"])
     state = run([*common, "--max-steps", "3", "--lr", "1e-3", "--resume"])
     assert state["opt"]["param_groups"][0]["lr"] == state["config"]["lr"] == 1e-3

@@ -149,7 +149,7 @@ def test_explicit_flags_override_the_phase():
 
 def test_ema_reload_makes_g_equal_to_the_ema(cifar, tmp_path):
     out = tmp_path / "out"
-    train.main(["--data-path", cifar, "--out-dir", str(out), "--max-steps", "3", "--ema-reload-every", "3",
+    train.main(["--data", "cifar10", "--data-path", cifar, "--out-dir", str(out), "--max-steps", "3", "--ema-reload-every", "3",
                 "--ema-decay", "0.5", *FAST])
     state = checkpoint.load(out / "ckpt.pt")
     assert all(torch.equal(state["G"][k], state["ema"][k]) for k in state["G"])
@@ -166,7 +166,7 @@ def test_d_reload_on_stall_restores_the_kept_d(cifar, tmp_path, monkeypatch):
     reference = tmp_path / "ref.npz"
     np.savez(reference, mu=np.zeros(3), sigma=np.eye(3))
     out = tmp_path / "out"
-    train.main(["--data-path", cifar, "--out-dir", str(out), "--max-steps", "4", "--fid-every", "1",
+    train.main(["--data", "cifar10", "--data-path", cifar, "--out-dir", str(out), "--max-steps", "4", "--fid-every", "1",
                 "--fid-ref", str(reference), "--d-reload-on-stall", "2", *FAST])
     best, last = checkpoint.load(out / "best.pt"), checkpoint.load(out / "ckpt.pt")
     assert best["step"] == 2 and last["step"] == 4
@@ -179,7 +179,7 @@ def test_d_reload_on_stall_restores_the_kept_d(cifar, tmp_path, monkeypatch):
 
 def test_stall_reload_without_fid_is_refused(cifar, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        train.main(["--data-path", cifar, "--out-dir", str(tmp_path), "--phase", "3", "--max-steps", "1", *FAST])
+        train.main(["--data", "cifar10", "--data-path", cifar, "--out-dir", str(tmp_path), "--phase", "3", "--max-steps", "1", *FAST])
     assert exit_info.value.code == 2
     assert "--fid-every" in capsys.readouterr().err
 
@@ -195,12 +195,12 @@ def test_the_four_phases_in_sequence_end_with_a_checkpoint_sample_py_reads(cifar
     reference = tmp_path / "ref.npz"
     np.savez(reference, mu=np.zeros(3), sigma=np.eye(3))
     fid_flags = ["--fid-every", "1", "--fid-ref", str(reference)]
-    classifier.main(["--data-path", cifar, "--out-dir", str(tmp_path / "cls"), "--max-steps", "2",
+    classifier.main(["--data", "cifar10", "--data-path", cifar, "--out-dir", str(tmp_path / "cls"), "--max-steps", "2",
                      *FAST[:FAST.index("--sample-every")]])  # the GAN's flags without the sample grid
     previous = None
     for phase in (1, 2, 3, 4):
         out = tmp_path / f"p{phase}"
-        flags = ["--phase", str(phase), "--data-path", cifar, "--out-dir", str(out), "--max-steps", "2",
+        flags = ["--phase", str(phase), "--data", "cifar10", "--data-path", cifar, "--out-dir", str(out), "--max-steps", "2",
                  "--ema-reload-every", "2", *FAST]
         flags += ["--init-from", str(previous)] if previous else []
         flags += fid_flags if phase >= 3 else []

@@ -52,7 +52,7 @@ def run_train(args):
 
 def test_short_run_writes_checkpoint_log_and_grid(cifar, tmp_path):
     out = tmp_path / "out"
-    state = run_train(["--data-path", cifar, "--out-dir", str(out), "--max-steps", "4", "--sample-every", "2",
+    state = run_train(["--data", "cifar10", "--data-path", cifar, "--out-dir", str(out), "--max-steps", "4", "--sample-every", "2",
                        "--ckpt-every", "2", *FAST])
     assert state["step"] == 4
     for key in ("G", "ema", "D", "gradnorm", "opt_g", "opt_d", "rng", "data", "config", "generator_kwargs"):
@@ -81,7 +81,7 @@ def assert_same_state(a, b):
 
 
 def test_resume_is_bitwise_exact(cifar, tmp_path):
-    common = ["--data-path", cifar, "--sample-every", "1000", "--ckpt-every", "3", *FAST]
+    common = ["--data", "cifar10", "--data-path", cifar, "--sample-every", "1000", "--ckpt-every", "3", *FAST]
     straight = run_train([*common, "--out-dir", str(tmp_path / "a"), "--max-steps", "6"])
     run_train([*common, "--out-dir", str(tmp_path / "b"), "--max-steps", "3"])
     resumed = run_train([*common, "--out-dir", str(tmp_path / "b"), "--max-steps", "6", "--resume"])
@@ -91,7 +91,7 @@ def test_resume_is_bitwise_exact(cifar, tmp_path):
 
 def test_requires_grad_pattern_isolates_the_updates(cifar, tmp_path):
     """A D update leaves G untouched (no_grad), a G update leaves D untouched (frozen), and D is trainable again."""
-    args = train.parse_args(["--data-path", cifar, "--out-dir", str(tmp_path), *FAST])
+    args = train.parse_args(["--data", "cifar10", "--data-path", cifar, "--out-dir", str(tmp_path), *FAST])
     g_kwargs, d_kwargs = train.network_kwargs(args, 3, 32, 10)
     nets = train.build_nets(args, g_kwargs, d_kwargs, torch.device("cpu"), distributed=False)
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
@@ -133,7 +133,7 @@ def test_paper_defaults_for_imagenet():
 
 @pytest.mark.parametrize("nfe", ["2", "any"])
 def test_multistep_runs(cifar, tmp_path, nfe):
-    state = run_train(["--data-path", cifar, "--out-dir", str(tmp_path), "--max-steps", "2", "--nfe", nfe,
+    state = run_train(["--data", "cifar10", "--data-path", cifar, "--out-dir", str(tmp_path), "--max-steps", "2", "--nfe", nfe,
                        "--sample-every", "2", *FAST])
     assert state["generator_kwargs"]["use_t_src"] and state["discriminator_kwargs"]["use_t"]
     assert state["generator_kwargs"]["use_t_tgt"] == (nfe == "any")
