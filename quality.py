@@ -19,7 +19,6 @@ sample count is small (the FD of a finite sample is biased upwards; compare runs
 """
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 import checkpoint
 import data
 import fid
+import runtime
 from model import Generator
 from sample import sample
 
@@ -71,12 +71,13 @@ def real_splits(name, data_path, image_size, seed=0):
     if name in data.IDX_SOURCES:
         folder = data.find_idx_folder(name, data_path)
         (x, y), (x_test, y_test) = (data.load_idx_dataset(name, folder, train) for train in (True, False))
-        return data.fit_to_size(x, image_size)[..., None], y, data.fit_to_size(x_test, image_size)[..., None], y_test
+        x, x_test = (data.fit_to_size(images, image_size)[..., None] for images in (x, x_test))
+        return x, y, x_test, y_test
     if name == "cifar10":
         (x, y), (x_test, y_test) = (data.load_cifar10(data_path or "./data", train) for train in (True, False))
         return x, y, x_test, y_test
     if name != "folder":
-        raise data.DataError(f"the judge needs small images: --data cifar10, mnist, fashion-mnist or folder")
+        raise data.DataError("the judge needs small images: --data cifar10, mnist, fashion-mnist or folder")
     folder = data.ImageFolder(data_path, image_size)
     items = [folder[(i, False)] for i in range(len(folder))]
     x = np.stack([image.permute(1, 2, 0).numpy() for image, _ in items])
@@ -183,6 +184,20 @@ class SampleJudge:
                     fd_ratio=fd / self.untrained_fd)
 
 
+def judge_checkpoint(judge_path, ckpt_path, num_samples):
+    """Print how the judge rates the EMA generator of a train.py checkpoint."""
+    judge, state = load_judge(judge_path)
+    run = checkpoint.load(ckpt_path)
+    generator = Generator(**run["generator_kwargs"])
+    checkpoint.load_weights(generator, run["ema"], what=f"{ckpt_path} [ema]")
+    nfe = 8 if run["config"]["nfe"] == "any" else run["config"]["nfe"]
+    shape = (generator.in_channels, generator.input_size, generator.input_size)
+    result = SampleJudge(judge, state, shape, num_samples)(generator.eval(), nfe, run["config"]["pred"])
+    print(f"accuracy {result['accuracy']:.4f} (A_real {state['real_accuracy']:.4f}, ratio "
+          f"{result['accuracy_ratio']:.3f}); Frechet distance {result['fd']:.3f} ({result['fd_ratio']:.4f} of "
+          f"the untrained generator's)")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Train a judge of sample quality on real images, or judge a "
                                             "checkpoint's EMA generator with one.")
@@ -193,24 +208,19 @@ def main(argv=None):
     p.add_argument("--judge", default=None, help="a judge file, to judge --ckpt")
     p.add_argument("--ckpt", default=None, help="a train.py checkpoint: its EMA generator is judged")
     p.add_argument("--samples", type=int, default=1000)
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     args = p.parse_args(argv)
-    args.image_size = args.image_size or (28 if args.data in data.IDX_SOURCES else 32)
-    try:
+    if not args.out and not (args.judge and args.ckpt):
+        p.error("give --out JUDGE.pt to train a judge, or --judge JUDGE.pt and --ckpt CKPT.pt to use one")
+    image_size = args.image_size or (28 if args.data in data.IDX_SOURCES else 32)
+
+    def body():
         if args.out:
-            checkpoint.save(train_judge(args.data, args.data_path, args.image_size), args.out)
+            checkpoint.save(train_judge(args.data, args.data_path, image_size), args.out)
         if args.judge and args.ckpt:
-            judge, state = load_judge(args.judge)
-            run = checkpoint.load(args.ckpt)
-            generator = Generator(**run["generator_kwargs"])
-            checkpoint.load_weights(generator, run["ema"], what=f"{args.ckpt} [ema]")
-            nfe = 8 if run["config"]["nfe"] == "any" else run["config"]["nfe"]
-            shape = (generator.in_channels, generator.input_size, generator.input_size)
-            result = SampleJudge(judge, state, shape, args.samples)(generator.eval(), nfe, run["config"]["pred"])
-            print(f"accuracy {result['accuracy']:.4f} (A_real {state['real_accuracy']:.4f}, ratio "
-                  f"{result['accuracy_ratio']:.3f}); fd {result['fd']:.3f} ({result['fd_ratio']:.4f} of untrained)")
-    except (data.DataError, checkpoint.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+            judge_checkpoint(args.judge, args.ckpt, args.samples)
+
+    sys.exit(runtime.run(body, args.debug, {(data.DataError, checkpoint.CheckpointError): 2}))
 
 
 if __name__ == "__main__":
