@@ -150,6 +150,9 @@ def judge_or_train(path, name, data_path, image_size, log=print):
         log(f"training a judge of sample quality on the real {name} images, once: {path}")
         checkpoint.save(train_judge(name, data_path, image_size, log=log), path)
     judge, state = load_judge(path)
+    if state.get("data") != name:
+        raise checkpoint.CheckpointError(f"{path} judges {state.get('data')} samples, not {name}: delete it or "
+                                         f"pass another --judge")
     if state["kwargs"]["image_size"] != image_size:
         raise checkpoint.CheckpointError(f"{path} judges {state['kwargs']['image_size']}-px images, not "
                                          f"{image_size}-px: delete it or pass another --judge")

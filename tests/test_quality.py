@@ -82,10 +82,12 @@ def test_sample_judge_scores_right_wrong_and_untrained_generators(judge_file):
     assert good["fd_ratio"] < 0.5 * untrained["fd_ratio"]
 
 
-def test_judge_or_train_refuses_another_image_size(judge_file):
+def test_judge_or_train_refuses_another_image_size_or_dataset(judge_file):
     path, _, _ = judge_file
     with pytest.raises(checkpoint.CheckpointError, match="judges 16-px images, not 32-px"):
         quality.judge_or_train(path, "mnist", None, 32)
+    with pytest.raises(checkpoint.CheckpointError, match="judges mnist samples, not fashion-mnist"):
+        quality.judge_or_train(path, "fashion-mnist", None, 16)
 
 
 def test_load_judge_rejects_other_files(tmp_path):
