@@ -22,7 +22,7 @@ REFERENCE = torch.load(ROOT / "tests" / "data" / "fid_reference.pt", weights_onl
 
 
 def seeded_state_dict():
-    """The fixture weights, rebuilt as fixtures/README.md describes: one RandomState draw per key, in file order."""
+    """The fixture weights, rebuilt as tests/data/README.md describes: one RandomState draw per key, in file order."""
     rng = np.random.RandomState(REFERENCE["seed"])
     state_dict = {}
     for key, shape in REFERENCE["keys_shapes"]:

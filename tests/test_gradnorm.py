@@ -20,7 +20,7 @@ def backward_through(gn, w, scale=1.0):
 
 
 def test_matches_authors_sequence(afm_ref):
-    """fixtures/README.md: three backward passes in sequence through one GradientNormalization()."""
+    """tests/data/README.md: three backward passes in sequence through one GradientNormalization()."""
     gn = GradientNormalization()
     assert len(afm_ref["gradnorm"]) == 3
     for step in afm_ref["gradnorm"]:
