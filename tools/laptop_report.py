@@ -19,10 +19,9 @@ from PIL import Image, ImageDraw
 COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
 
 
-def judge_records(run):
+def read_log(run):
     with open(os.path.join(run, "log.jsonl")) as f:
-        records = [json.loads(line) for line in f]
-    return [r for r in records if "judge_accuracy" in r]
+        return [json.loads(line) for line in f]
 
 
 def at_minute(records, minute):
@@ -68,17 +67,16 @@ def draw_curves(runs, names, path):
     image.save(path)
 
 
-def nearest_grid(run, minute):
+def nearest_grid(run, log, minute):
     """The samples_<step>.png written nearest to `minute`, and the minute it was written at."""
-    steps = sorted(int(name[8:-4]) for name in os.listdir(run) if name.startswith("samples_") and name.endswith(".png"))
-    with open(os.path.join(run, "log.jsonl")) as f:
-        minutes_at = {r["step"]: r["minutes"] for r in map(json.loads, f) if "minutes" in r}
+    minutes_at = {r["step"]: r["minutes"] for r in log if "minutes" in r}
+    steps = [int(name[8:-4]) for name in os.listdir(run) if name.startswith("samples_") and name.endswith(".png")]
     step = min((s for s in steps if s in minutes_at), key=lambda s: abs(minutes_at[s] - minute))
     return Image.open(os.path.join(run, f"samples_{step:08d}.png")).convert("RGB"), minutes_at[step], step
 
 
-def draw_grids(runs, names, minutes, path, gap=12, label=18):
-    cells = [[nearest_grid(run, m) for m in minutes] for run in runs]
+def draw_grids(runs, logs, names, minutes, path, gap=12, label=18):
+    cells = [[nearest_grid(run, log, m) for m in minutes] for run, log in zip(runs, logs)]
     scale = max(1, 400 // cells[0][0][0].size[0])  # 28-px samples are drawn 2x, pixel for pixel
     cells = [[(grid.resize((grid.size[0] * scale, grid.size[1] * scale), Image.NEAREST), minute, step)
               for grid, minute, step in row] for row in cells]
@@ -102,9 +100,10 @@ def main():
     p.add_argument("--grids", default="laptop_grids.png")
     args = p.parse_args()
     names = args.names or [os.path.basename(os.path.normpath(run)) for run in args.runs]
-    runs = [judge_records(run) for run in args.runs]
+    logs = [read_log(run) for run in args.runs]
+    runs = [[r for r in log if "judge_accuracy" in r] for log in logs]  # the judged records of each run
     draw_curves(runs, names, args.curve)
-    draw_grids(args.runs, names, args.minutes, args.grids)
+    draw_grids(args.runs, logs, names, args.minutes, args.grids)
     print("| run | minutes | step | accuracy | / A_real | Frechet distance | / untrained |")
     print("|---|---|---|---|---|---|---|")
     for name, records in zip(names, runs):
