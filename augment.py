@@ -2,11 +2,12 @@
 
 Discriminator augmentation (paper sec. 3.9, App. D, eqs. 33-34). With rho a random augmentation,
 
-    L_adv^D = E[ f(D(phi(rho(x))), D(phi(rho(G(z))))) ],    L_adv^G = E[ f(D(phi(rho(G(z)))), D(phi(rho(x)))) ],
+    L_adv^D = E[ f(D(phi(rho(x))), D(phi(rho(G(z))))) ],
+    L_adv^G = E[ f(D(phi(rho(G(z)))), D(phi(rho(x)))) ],
 
-and the SAME rho goes to each real/fake pair: the relativistic loss compares D(real[i]) with D(fake[i]), so the
-two must be seen through the same transform. The authors concatenate real and fake along channels and augment
-the result once; `PairedAugment` does exactly that. Their Algorithm 1 (Kornia, run on latents) is
+and the SAME rho goes to each real/fake pair: the relativistic loss compares D(real[i]) with D(fake[i]), so
+the two must be seen through the same transform. The authors concatenate real and fake along channels and
+augment the result once; `PairedAugment` does exactly that. Their Algorithm 1 (Kornia, run on latents) is
 
     RandomTranslate(translate_x=(0, 0.3), translate_y=(0, 0.3), resample=NEAREST, p=0.4)
     3 x RandomErasing(scale=(0.1, 0.5), p=0.4)
@@ -57,9 +58,9 @@ def random_rectangles(N, H, W, area_range, log_ratio_range, device):
 
     Like RandomErasing: the area is a fraction U(area_range) of H * W, the aspect ratio height / width is
     log-uniform in exp(log_ratio_range); height and width are rounded to whole pixels (at least 1, at most the
-    image) and the top-left corner is uniform over the positions where the rectangle fits. (Kornia draws the ratio
-    from U(0.3, 1) or U(1, 3.3) with even odds; the log-uniform draw of torchvision's RandomErasing spans the same
-    range with the same even split between tall and wide.)
+    image) and the top-left corner is uniform over the positions where the rectangle fits. (Kornia draws the
+    ratio from U(0.3, 1) or U(1, 3.3) with even odds; the log-uniform draw of torchvision's RandomErasing
+    spans the same range with the same even split between tall and wide.)
     """
     area = torch.empty(N, device=device).uniform_(*area_range) * (H * W)  # (N,) in pixels
     ratio = torch.empty(N, device=device).uniform_(*log_ratio_range).exp()  # (N,) height / width
@@ -83,17 +84,19 @@ class PairedAugment:
        (a float t means (-t, t); a pair (lo, hi) is Kornia's translate_x / translate_y range, taken as is);
     2. `cutouts` times, each with probability p, one rectangle of area cutout_scale * H * W set to 0.
 
-    Output shape and dtypes are those of the inputs, and values stay in the inputs' values plus 0. p = 0 is the
-    exact identity and draws no random numbers. The defaults are the authors' Algorithm 1 (p = 0.4 is their
-    guided phase).
+    Output shape and dtypes are those of the inputs, and values stay in the inputs' values plus 0. p = 0 is
+    the exact identity and draws no random numbers. The defaults are the authors' Algorithm 1 (p = 0.4 is
+    their guided phase).
     """
 
-    def __init__(self, p=0.4, translate=(0.0, 0.3), cutouts=3, cutout_scale=(0.1, 0.5), cutout_ratio=(0.3, 3.3)):
+    def __init__(self, p=0.4, translate=(0.0, 0.3), cutouts=3, cutout_scale=(0.1, 0.5),
+                 cutout_ratio=(0.3, 3.3)):
         if not 0 <= p <= 1:
             raise ValueError(f"p must be in [0, 1], got {p}")
         translate_range = (-translate, translate) if isinstance(translate, (int, float)) else tuple(translate)
         if not -1 <= translate_range[0] <= translate_range[1] <= 1:
-            raise ValueError(f"translate must be a fraction in [0, 1] or a range inside [-1, 1], got {translate}")
+            raise ValueError(f"translate must be a fraction in [0, 1] or a range inside [-1, 1], "
+                             f"got {translate}")
         if not 0 < cutout_scale[0] <= cutout_scale[1] <= 1:
             raise ValueError(f"cutout_scale must be a range inside (0, 1], got {cutout_scale}")
         self.p = p
@@ -104,7 +107,8 @@ class PairedAugment:
 
     def __call__(self, real, fake):
         if real.shape != fake.shape:
-            raise ValueError(f"real and fake must have the same shape, got {tuple(real.shape)} and {tuple(fake.shape)}")
+            raise ValueError(f"real and fake must have the same shape, got {tuple(real.shape)} and "
+                             f"{tuple(fake.shape)}")
         if self.p == 0:
             return real, fake
         C = real.shape[1]
@@ -113,7 +117,8 @@ class PairedAugment:
         device = both.device
 
         applied = torch.rand(N, device=device) < self.p  # (N,)
-        shift_y = torch.randint(*self._shift_bounds(H), (N,), device=device) * applied  # (N,), 0 when not applied
+        # (N,) each, 0 where not applied
+        shift_y = torch.randint(*self._shift_bounds(H), (N,), device=device) * applied
         shift_x = torch.randint(*self._shift_bounds(W), (N,), device=device) * applied
         both = translate(both, shift_y, shift_x)
 
@@ -127,8 +132,8 @@ class PairedAugment:
 
     def _shift_bounds(self, size):
         """(low, high) for torch.randint, so the shift is uniform over the whole pixels k with
-        lo * size <= k <= hi * size (Kornia draws U(lo, hi) * size and rounds). A tiny slack absorbs float error
-        such as 0.3 * 30 = 8.999..."""
+        lo * size <= k <= hi * size (Kornia draws U(lo, hi) * size and rounds). A tiny slack absorbs float
+        error such as 0.3 * 30 = 8.999..."""
         lo, hi = self.translate_range
         return math.ceil(lo * size - 1e-6), math.floor(hi * size + 1e-6) + 1
 
@@ -136,11 +141,11 @@ class PairedAugment:
 class AffineAugment:
     """The classifier's training augmentation: `x_aug = augment(x)`, x: (N, C, H, W).
 
-    With probability p per sample: rotate by U(-degrees, degrees), zoom by U(scale) (> 1 enlarges the content),
-    and shift by U(-translate, translate) of the width and height, all about the image center, with bilinear
-    sampling and reflection padding (Kornia RandomAffine(p=0.8, degrees=10, translate=0.3, scale=(1.0, 1.3),
-    padding_mode="reflection")). The range of angles is symmetric, so the rotation's sign convention does not
-    matter. Samples not drawn, and every sample when p = 0, are returned unchanged.
+    With probability p per sample: rotate by U(-degrees, degrees), zoom by U(scale) (> 1 enlarges the
+    content), and shift by U(-translate, translate) of the width and height, all about the image center, with
+    bilinear sampling and reflection padding (Kornia RandomAffine(p=0.8, degrees=10, translate=0.3,
+    scale=(1.0, 1.3), padding_mode="reflection")). The range of angles is symmetric, so the rotation's sign
+    convention does not matter. Samples not drawn, and every sample when p = 0, are returned unchanged.
     """
 
     def __init__(self, p=0.8, degrees=10.0, translate=0.3, scale=(1.0, 1.3)):
@@ -166,13 +171,13 @@ class AffineAugment:
 
 
 def affine_theta(angle, zoom, shift, H, W):
-    """The (N, 2, 3) matrix for F.affine_grid that rotates by `angle` (radians), zooms by `zoom` and then moves
-    the content by `shift` = (dx, dy) pixels, about the image center.
+    """The (N, 2, 3) matrix for F.affine_grid that rotates by `angle` (radians), zooms by `zoom` and then
+    moves the content by `shift` = (dx, dy) pixels, about the image center.
 
     In pixel coordinates u measured from the center, the forward map is u_out = zoom * R u_in + shift.
     affine_grid needs the inverse, in coordinates normalized to [-1, 1]: with D = diag(W / 2, H / 2),
-    n_in = D^-1 M D n_out - D^-1 M shift, where M = R^T / zoom. Going through pixels keeps non-square images from
-    being sheared by the rotation.
+    n_in = D^-1 M D n_out - D^-1 M shift, where M = R^T / zoom. Going through pixels keeps non-square images
+    from being sheared by the rotation.
     """
     cos, sin = angle.cos(), angle.sin()
     inverse = torch.stack([torch.stack([cos, sin], -1), torch.stack([-sin, cos], -1)], -2)  # (N, 2, 2) R^T
