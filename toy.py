@@ -1,35 +1,36 @@
-"""The paper's 1-D demonstration: an adversarial flow model learns the W2-optimal map (paper Fig. 1, sec. 3.2).
+"""The paper's 1-D demonstration (Fig. 1, sec. 3.2): an adversarial flow model learns the W2-optimal map.
 
-The question. A GAN generator G pushes the prior N(0, 1) onto the data distribution. Infinitely many maps do that:
-any rearrangement of the prior's mass between the data modes matches the marginal just as well. Its adversarial
-loss (eqs. 1-2) has no preferred map, so a GAN lands on an arbitrary one and keeps drifting between them. AFM adds
-the optimal-transport (OT) term to the generator's loss (eqs. 11-14):
+The question. A GAN generator G pushes the prior N(0, 1) onto the data distribution. Infinitely many maps do
+that: any rearrangement of the prior's mass between the data modes matches the marginal just as well. Its
+adversarial loss (eqs. 1-2) has no preferred map, so a GAN lands on an arbitrary one and keeps drifting
+between them. AFM adds the optimal-transport (OT) term to the generator's loss (eqs. 11-14):
 
     L_G = f(D(phi(G(z))), D(x)) + lambda_ot * E_z[(1/n) ||G(z) - z||^2],   f(a, b) = softplus(-(a - b)),
 
-and among all maps that match the data, the one with the least transport cost is unique (Brenier): the W2-optimal
-map. phi is the gradient normalization of gradnorm.py (eq. 23). The discriminator's loss is the usual one
-(eq. 13): L_D = f(D(x), D(G(z))) + lambda_gp (R1 + R2) + lambda_cp (D(x) + D(G(z)))^2, with finite-difference
-R1 / R2 penalties (eqs. 3-6) and logit centering (eq. 7). This is the 1-NFE case, s = 1 and t = 0, so the time
-weight w(s, t) of eqs. 18-21 is 1 and neither network needs the times.
+and among all maps that match the data, the one with the least transport cost is unique (Brenier): the
+W2-optimal map. phi is the gradient normalization of gradnorm.py (eq. 23). The discriminator's loss is the
+usual one (eq. 13): L_D = f(D(x), D(G(z))) + lambda_gp (R1 + R2) + lambda_cp (D(x) + D(G(z)))^2, with
+finite-difference R1 / R2 penalties (eqs. 3-6) and logit centering (eq. 7). This is the 1-NFE case, s = 1 and
+t = 0, so the time weight w(s, t) of eqs. 18-21 is 1 and neither network needs the times.
 
 Why 1-D. In one dimension the W2-optimal map is known in closed form: it is the unique monotone map,
 
     T(z) = F_data^{-1}(Phi(z)),
 
-the z-quantile of the prior sent to the same quantile of the data (F_data the data CDF, Phi the standard normal
-CDF). For the data used here, 4 narrow Gaussians at -1.5, -0.5, 0.5, 1.5, T is a staircase: each quarter of the
-prior goes to one mode, in order, with jumps at z = Phi^{-1}(1/4, 2/4, 3/4) = -0.674, 0, 0.674.
+the z-quantile of the prior sent to the same quantile of the data (F_data the data CDF, Phi the standard
+normal CDF). For the data used here, 4 narrow Gaussians at -1.5, -0.5, 0.5, 1.5, T is a staircase: each
+quarter of the prior goes to one mode, in order, with jumps at z = Phi^{-1}(1/4, 2/4, 3/4) = -0.674, 0, 0.674.
 
-What a plain GAN (--ot-scale 0) does instead. In 1-D, G is a continuous function of z, and a GAN tends to keep the
-shape of its random initialization: turning a decreasing map into an increasing one would make mass cross itself,
-which no gradient of the adversarial loss asks for. With the default --seed 1 the initial G is decreasing: the GAN
-ends on the mode-reversed map (the quarter z < -0.674 goes to the mode at +1.5), while the OT term turns AFM's map
-around onto T. With --seed 0 the initial G is increasing and the GAN happens to end monotone too; other seeds can
-give other assignments of quarters to modes. AFM reaches the same map from every seed (paper Fig. 1).
+What a plain GAN (--ot-scale 0) does instead. In 1-D, G is a continuous function of z, and a GAN tends to keep
+the shape of its random initialization: turning a decreasing map into an increasing one would make mass cross
+itself, which no gradient of the adversarial loss asks for. With the default --seed 1 the initial G is
+decreasing: the GAN ends on the mode-reversed map (the quarter z < -0.674 goes to the mode at +1.5), while the
+OT term turns AFM's map around onto T. With --seed 0 the initial G is increasing and the GAN happens to end
+monotone too; other seeds can give other assignments of quarters to modes. AFM reaches the same map from every
+seed (paper Fig. 1).
 
-What it writes (--out DIR): toy_map.csv (z, G(z) of the EMA generator on a grid of [-3, 3]), toy.png (left: the
-learned map against T; right: a histogram of generated samples against the data density), and a final line
+What it writes (--out DIR): toy_map.csv (z, G(z) of the EMA generator on a grid of [-3, 3]), toy.png (left:
+the learned map against T; right: a histogram of generated samples against the data density), and a final line
 `rms_to_ot_map=... monotone_fraction=... largest_fold=...` (defined in the "Measures" section below).
 
     python toy.py --out /tmp/toy                  # AFM, under 2 minutes on 2 CPU cores
@@ -49,7 +50,7 @@ from tqdm import tqdm
 import losses
 from gradnorm import GradientNormalization
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Data, prior and the exact optimal map (float64 throughout)
 
 MODES = (-1.5, -0.5, 0.5, 1.5)  # equal weights
@@ -76,7 +77,8 @@ def mixture_cdf(x):
 def mixture_density(x):
     """The data density p(x) = mean over modes of N(x; mu, sigma^2)."""
     x = torch.as_tensor(x, dtype=torch.float64)
-    densities = [torch.exp(-0.5 * ((x - mu) / MODE_STD) ** 2) / (MODE_STD * math.sqrt(2 * math.pi)) for mu in MODES]
+    densities = [torch.exp(-0.5 * ((x - mu) / MODE_STD) ** 2) / (MODE_STD * math.sqrt(2 * math.pi))
+                 for mu in MODES]
     return sum(densities) / len(MODES)
 
 
@@ -101,17 +103,18 @@ def optimal_map(z, iterations=64):
     return torch.sign(z) * hi
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Networks
 #
-# The authors used MLPs with 4 hidden layers of width 1024, every scalar input sinusoidally encoded (64 dims, value
-# x 100), trained for 10,000 steps at batch 1024 and lr 1e-4 (their public notebook of Figs. 1-3). That is ~500x
-# the compute of this script's 2-minute CPU budget, so both networks here have 3 hidden layers of width 128 and
-# train for 5,000 steps at batch 256 and lr 1e-3. D keeps the authors' sinusoidal encoding, which it needs to see
-# the narrow modes (a plain MLP on the raw scalar is smooth, and took thousands of steps before its loss left
-# log 2), at value x 20: wavelengths down to 0.3 rather than 0.06, enough for 0.05-wide modes (x 100 did a little
-# worse in short runs of this script). G takes z as is: a plain SiLU MLP is a smooth function of z, which suits a
-# monotone staircase map (an encoded G folds all along the map, not only next to the jumps; see largest_fold).
+# The authors used MLPs with 4 hidden layers of width 1024, every scalar input sinusoidally encoded (64 dims,
+# value x 100), trained for 10,000 steps at batch 1024 and lr 1e-4 (their public notebook of Figs. 1-3). That
+# is ~500x the compute of this script's 2-minute CPU budget, so both networks here have 3 hidden layers of
+# width 128 and train for 5,000 steps at batch 256 and lr 1e-3. D keeps the authors' sinusoidal encoding,
+# which it needs to see the narrow modes (a plain MLP on the raw scalar is smooth, and took thousands of steps
+# before its loss left log 2), at value x 20: wavelengths down to 0.3 rather than 0.06, enough for 0.05-wide
+# modes (x 100 did a little worse in short runs of this script). G takes z as is: a plain SiLU MLP is a smooth
+# function of z, which suits a monotone staircase map (an encoded G folds all along the map, not only next to
+# the jumps; see largest_fold).
 
 
 class SinusoidalEncoding(nn.Module):
@@ -148,15 +151,16 @@ def make_discriminator():
     return nn.Sequential(encoding, mlp(encoding.freqs.numel() * 2))
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Training: alternate one D step and one G step, like the image objective in losses.py
 
 
 def discriminator_step(G, D, optimizer, z, real, noise, gp_scale, cp_scale, gp_eps):
     """L_D = f(D(x), D(G(z))) + lambda_gp (R1 + R2) + lambda_cp (D(x) + D(G(z)))^2  (eq. 13).
 
-    G runs under no_grad. D runs once on [real, fake, real + eps n1, fake + eps n2]; the paper's toy applies the
-    finite-difference R1 / R2 to the whole batch (the image model uses 25% of it). noise: (2, N, 1) ~ N(0, 1)."""
+    G runs under no_grad. D runs once on [real, fake, real + eps n1, fake + eps n2]; the paper's toy applies
+    the finite-difference R1 / R2 to the whole batch (the image model uses 25% of it).
+    noise: (2, N, 1) ~ N(0, 1)."""
     with torch.no_grad():
         fake = G(z)
     batch = real.shape[0]
@@ -175,10 +179,10 @@ def discriminator_step(G, D, optimizer, z, real, noise, gp_scale, cp_scale, gp_e
 def generator_step(G, D, gradnorm, optimizer, z, real, ot_scale):
     """L_G = f(D(phi(G(z))), D(x)) + lambda_ot ||G(z) - z||^2 / n  (eq. 14; w = 1 for 1-NFE).
 
-    D's parameters are frozen for this step, so the backward pass only fills G's gradients; the real logits need
-    none, so they come from their own call under no_grad (as in losses.generator_objective). phi (gradient
-    normalization) sits on the fake path into D only: it fixes the adversarial gradient's scale, so that ot_scale
-    alone sets the balance between matching the data and staying close to z."""
+    D's parameters are frozen for this step, so the backward pass only fills G's gradients; the real logits
+    need none, so they come from their own call under no_grad (as in losses.generator_objective). phi
+    (gradient normalization) sits on the fake path into D only: it fixes the adversarial gradient's scale, so
+    that ot_scale alone sets the balance between matching the data and staying close to z."""
     D.requires_grad_(False)
     with torch.no_grad():
         logits_real = D(real).squeeze(1)
@@ -192,19 +196,21 @@ def generator_step(G, D, gradnorm, optimizer, z, real, ot_scale):
 
 
 # Defaults tuned for the 2-minute budget (the authors' toy in brackets):
-# - ot_scale 0.3 (0.05), constant. The OT term has two jobs here: pick the monotone assignment of prior quarters to
-#   modes, and order the samples inside each mode. The second is a weak signal (the transport cost of the best and
-#   worst orderings inside a 0.05-wide mode differ by little), which in 5,000 noisy steps needs a larger weight than
-#   in the authors' 10,000 steps at batch 1024. 0.1-0.6 gave similar maps in 5,000-step runs; decaying it to
-#   ~0.05 within this short run left the within-mode order more scrambled (and folded the map more next to the
-#   jumps of T: largest_fold 0.22 against 0.17). It must stay well below ~1.3: with the adversarial gradient
-#   normalized to unit RMS, the OT gradient 2 lambda_ot (G(z) - z), RMS ~0.76 lambda_ot here, must not outweigh it.
-# - gp_scale 0.1 (0.01). A smoother D pushes samples across the gaps between modes more evenly, so the mass per mode
-#   balances sooner; at 0.01 a small D is too sharp for this step budget. cp_scale 0.01 and gp_eps 0.01 as in the
-#   paper.
-# - lr 1e-3 (1e-4) with Adam betas (0, 0.9) as in the paper. EMA decay 0.995 (0.99): the EMA also averages out the
-#   step-to-step jitter of where the map's jumps sit, which dominates rms_to_optimal_map.
-STEPS, BATCH_SIZE, OT_SCALE, GP_SCALE, CP_SCALE, GP_EPS, LR, EMA_DECAY = 5000, 256, 0.3, 0.1, 0.01, 0.01, 1e-3, 0.995
+# - ot_scale 0.3 (0.05), constant. The OT term has two jobs here: pick the monotone assignment of prior
+#   quarters to modes, and order the samples inside each mode. The second is a weak signal (the transport cost
+#   of the best and worst orderings inside a 0.05-wide mode differ by little), which in 5,000 noisy steps
+#   needs a larger weight than in the authors' 10,000 steps at batch 1024. 0.1-0.6 gave similar maps in
+#   5,000-step runs; decaying it to ~0.05 within this short run left the within-mode order more scrambled (and
+#   folded the map more next to the jumps of T: largest_fold 0.22 against 0.17). It must stay well below ~1.3:
+#   with the adversarial gradient normalized to unit RMS, the OT gradient 2 lambda_ot (G(z) - z), RMS ~0.76
+#   lambda_ot here, must not outweigh it.
+# - gp_scale 0.1 (0.01). A smoother D pushes samples across the gaps between modes more evenly, so the mass
+#   per mode balances sooner; at 0.01 a small D is too sharp for this step budget. cp_scale 0.01 and gp_eps
+#   0.01 as in the paper.
+# - lr 1e-3 (1e-4) with Adam betas (0, 0.9) as in the paper. EMA decay 0.995 (0.99): the EMA also averages out
+#   the step-to-step jitter of where the map's jumps sit, which dominates rms_to_optimal_map.
+STEPS, BATCH_SIZE, LR, EMA_DECAY = 5000, 256, 1e-3, 0.995
+OT_SCALE, GP_SCALE, CP_SCALE, GP_EPS = 0.3, 0.1, 0.01, 0.01
 
 
 def train(steps=STEPS, ot_scale=OT_SCALE, seed=1, batch_size=BATCH_SIZE, gp_scale=GP_SCALE, cp_scale=CP_SCALE,
@@ -220,8 +226,9 @@ def train(steps=STEPS, ot_scale=OT_SCALE, seed=1, batch_size=BATCH_SIZE, gp_scal
     optimizer_g = torch.optim.Adam(G.parameters(), lr=lr, betas=(0.0, 0.9))
     optimizer_d = torch.optim.Adam(D.parameters(), lr=lr, betas=(0.0, 0.9))
     for _ in tqdm(range(steps), desc="train", disable=not progress):
-        z, real, noise = torch.randn(batch_size, 1, generator=rng), sample_data(batch_size, rng), torch.randn(
-            2, batch_size, 1, generator=rng)
+        z = torch.randn(batch_size, 1, generator=rng)  # (N, 1)
+        real = sample_data(batch_size, rng)  # (N, 1)
+        noise = torch.randn(2, batch_size, 1, generator=rng)  # (2, N, 1)
         discriminator_step(G, D, optimizer_d, z, real, noise, gp_scale, cp_scale, gp_eps)
         z, real = torch.randn(batch_size, 1, generator=rng), sample_data(batch_size, rng)
         generator_step(G, D, gradnorm, optimizer_g, z, real, ot_scale)
@@ -231,7 +238,7 @@ def train(steps=STEPS, ot_scale=OT_SCALE, seed=1, batch_size=BATCH_SIZE, gp_scal
     return G_ema.eval()
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Measures, on the z grid of toy_map.csv
 
 GRID = torch.linspace(-3, 3, 1201, dtype=torch.float64)  # spacing 0.005
@@ -253,23 +260,25 @@ def rms_to_optimal_map(z, x):
     """sqrt(E_{z ~ N(0,1)} (G(z) - T(z))^2), by quadrature on the grid (|z| <= 3 holds 99.7% of the prior).
 
     Weighting by the prior counts each part of the map by how much of the generated mass it moves; the grid's
-    tails at |z| ~ 3 matter little, as they should. Reference values: the exact map 0; a map that sends each prior
-    quarter to the right mode in a random order inside it ~0.07; the identity map G(z) = z 0.38; a map that swaps
-    two neighbouring modes >= 0.7 (half of the mass is off by the mode spacing 1.0); the mode-reversed map 2.2.
-    T jumps by ~1 at z = -0.674, 0, 0.674, so a learned map's error is dominated by where its steps sit: three steps
-    each off by dz cost ~sqrt(dz) (the prior density at the three jumps sums to ~1), e.g. 0.1 for dz = 0.01, which
-    is 0.3% of the prior's mass per jump landing in the neighbouring mode."""
+    tails at |z| ~ 3 matter little, as they should. Reference values: the exact map 0; a map that sends each
+    prior quarter to the right mode in a random order inside it ~0.07; the identity map G(z) = z 0.38; a map
+    that swaps two neighbouring modes >= 0.7 (half of the mass is off by the mode spacing 1.0); the
+    mode-reversed map 2.2. T jumps by ~1 at z = -0.674, 0, 0.674, so a learned map's error is dominated by
+    where its steps sit: three steps each off by dz cost ~sqrt(dz) (the prior density at the three jumps sums
+    to ~1), e.g. 0.1 for dz = 0.01, which is 0.3% of the prior's mass per jump landing in the neighbouring
+    mode."""
     return (prior_weights(z) * (x - optimal_map(z)) ** 2).sum().sqrt().item()
 
 
 def monotone_fraction(z, x, tolerance=0.5):
     """P(G(z2) >= G(z1) - tolerance | z1 < z2) for z1, z2 ~ N(0, 1) independent, by quadrature on the grid.
 
-    1 for any increasing map (the exact map, the identity); ~0.25 for a map that reverses the mode order; 0.875
-    for one that swaps two modes. The tolerance, half the mode spacing, lets through rearrangements inside a mode
-    (all within +-3 sigma = +-0.15) and the small folds a smooth G makes next to T's near-vertical jumps, but no
-    pair of samples sent to modes in the wrong order. So this measures the monotone assignment of the prior to the
-    modes; the within-mode detail shows in rms_to_optimal_map and in the figure."""
+    1 for any increasing map (the exact map, the identity); ~0.25 for a map that reverses the mode order;
+    0.875 for one that swaps two modes. The tolerance, half the mode spacing, lets through rearrangements
+    inside a mode (all within +-3 sigma = +-0.15) and the small folds a smooth G makes next to T's
+    near-vertical jumps, but no pair of samples sent to modes in the wrong order. So this measures the
+    monotone assignment of the prior to the modes; the within-mode detail shows in rms_to_optimal_map and in
+    the figure."""
     w = prior_weights(z)
     later = z[None, :] > z[:, None]  # pairs (i, j) with z_i < z_j
     kept_order = x[None, :] >= x[:, None] - tolerance
@@ -282,13 +291,14 @@ def largest_fold(z, x, z_max=2.0):
 
     The W2-optimal map is monotone, and the learned one is not quite: within ~0.1 of each jump of T it dips to
     the far side of the mode below before the jump and overshoots to the far side of the mode above after it.
-    A fold smaller than a mode's extent, 6 sigma = 0.3, only reorders samples inside one mode: it moves no mass
-    between modes. So 0.3 is the tolerance to which the map is monotone; the README has the measurements."""
+    A fold smaller than a mode's extent, 6 sigma = 0.3, only reorders samples inside one mode: it moves no
+    mass between modes. So 0.3 is the tolerance to which the map is monotone; the README has the
+    measurements."""
     inner = x[z.abs() <= z_max]
     return (torch.cummax(inner, 0).values - inner).max().item()
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The figure, with PIL only
 
 
@@ -362,23 +372,26 @@ def draw_figure(z, x, samples, title, path, size=(1100, 500)):
     image.save(path)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Command line
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output folder for toy_map.csv and toy.png")
-    parser.add_argument("--steps", type=int, default=STEPS, help="training steps, each one D and one G update")
+    parser.add_argument("--steps", type=int, default=STEPS,
+                        help="training steps, each one D and one G update")
     parser.add_argument("--ot-scale", type=float, default=OT_SCALE, help="lambda_ot; 0 is a plain GAN")
-    parser.add_argument("--seed", type=int, default=1, help="1 starts G decreasing (see the module docstring)")
+    parser.add_argument("--seed", type=int, default=1,
+                        help="1 starts G decreasing (see the module docstring)")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     args = parser.parse_args(argv)
     # Networks this small gain nothing from intra-op threads, and one thread makes runs repeatable.
     torch.set_num_threads(1)
     os.makedirs(args.out, exist_ok=True)
 
-    G = train(steps=args.steps, ot_scale=args.ot_scale, seed=args.seed, batch_size=args.batch_size, progress=True)
+    G = train(steps=args.steps, ot_scale=args.ot_scale, seed=args.seed, batch_size=args.batch_size,
+              progress=True)
 
     x = generate(G, GRID)
     np.savetxt(os.path.join(args.out, "toy_map.csv"), torch.stack([GRID, x], 1).numpy(), delimiter=",",
@@ -386,9 +399,9 @@ def main(argv=None):
     rms, monotone, fold = rms_to_optimal_map(GRID, x), monotone_fraction(GRID, x), largest_fold(GRID, x)
     samples = generate(G, torch.randn(100_000, generator=torch.Generator().manual_seed(args.seed + 1),
                                       dtype=torch.float64))
-    title = (f"{'AFM' if args.ot_scale > 0 else 'plain GAN'}: ot_scale={args.ot_scale:g}, steps={args.steps}, "
-             f"seed={args.seed}   rms_to_ot_map={rms:.4f}   monotone_fraction={monotone:.4f}   "
-             f"largest_fold={fold:.4f}")
+    title = (f"{'AFM' if args.ot_scale > 0 else 'plain GAN'}: ot_scale={args.ot_scale:g}, "
+             f"steps={args.steps}, seed={args.seed}   rms_to_ot_map={rms:.4f}   "
+             f"monotone_fraction={monotone:.4f}   largest_fold={fold:.4f}")
     draw_figure(GRID, x, samples, title, os.path.join(args.out, "toy.png"))
     print(f"rms_to_ot_map={rms:.4f} monotone_fraction={monotone:.4f} largest_fold={fold:.4f}")
 
