@@ -7,39 +7,43 @@
 
 What is timed. The arguments are parsed by train.parse_args (every train.py flag works here: --model,
 --batch-size, --nfe, --repeat, --precision, --compile, --num-workers, ...), the networks are built by
-train.build_nets, and one iteration is train.train_step: one D update plus one G update, each on its own batch of
---batch-size images, exactly as in train.py's loop. The input batches are random tensors created on the device once,
-before the loop; with --data-loader each iteration instead pulls both batches from a data.Loader over a small
-dataset written to a temporary directory (PNG class folders, SD-VAE latents in a .npy, or PNGs encoded on the fly by
---vae), as train.py does. After --warmup iterations, --steps iterations are timed one by one (with
-torch.cuda.synchronize around each on CUDA).
+train.build_nets, and one iteration is train.train_step: one D update plus one G update, each on its own batch
+of --batch-size images, exactly as in train.py's loop. The input batches are random tensors created on the
+device once, before the loop; with --data-loader each iteration instead pulls both batches from a data.Loader
+over a small dataset written to a temporary directory (PNG class folders, SD-VAE latents in a .npy, or PNGs
+encoded on the fly by --vae), as train.py does. After --warmup iterations, --steps iterations are timed one by
+one (with torch.cuda.synchronize around each on CUDA).
 
 How to read the last line (JSON):
     iter_ms          median wall time of one iteration (D update + G update)
     img_per_s        batch / iteration time: generated images per second (D sees another batch per iteration)
     gflop_per_iter   FLOPs of one iteration, counted once by torch.utils.flop_counter.FlopCounterMode, outside
-                     the timed loop: matmuls, convolutions and attention, forward and backward; elementwise work,
-                     the optimizers, the EMA and a --vae encoder are not counted
+                     the timed loop: matmuls, convolutions and attention, forward and backward; elementwise
+                     work, the optimizers, the EMA and a --vae encoder are not counted
     flop_units       gflop_per_iter in units of one G forward on one batch. The paper's accounting (Table 12)
                      is 14.5: G + 2.5 D forward and 2 x 2.5 D backward in the D update, G + 2 D forward,
                      2 G + 1 D backward in the G update
     gflops, tflops   achieved rate: gflop_per_iter / iter_ms
     mm_fp32_gflops   this machine's rate on a 2048 x 2048 fp32 torch.mm (median of 3), and mm_fraction the
-                     achieved rate as a fraction of it. Small models on a CPU are bound by per-op overhead, not
-                     by matmuls: expect small fractions there
+                     achieved rate as a fraction of it. Small models on a CPU are bound by per-op overhead,
+                     not by matmuls: expect small fractions there
     mfu              CUDA only: tflops over the 8192 x 8192 torch.mm rate of the chosen --precision
                      (mm_fp32_tflops, mm_tf32_tflops, mm_bf16_tflops)
-    peak_mem_mb      CUDA: max allocated memory in the timed iterations; CPU: the process's peak RSS (ru_maxrss)
+    peak_mem_mb      CUDA: max allocated memory in the timed iterations; CPU: the process's peak RSS
+                     (ru_maxrss)
     warmup_s         wall time of the --warmup iterations (with --compile: mostly compilation)
-    sample_ms        median time for one batch of samples from the EMA generator (sample.sample), sample_nfe steps
+    sample_ms        median time for one batch of samples from the EMA generator (sample.sample), sample_nfe
+                     steps
     --baseline:      baseline_iter_ms, baseline_img_per_s, baseline_gflop_per_iter, baseline_flop_units,
-                     baseline_tflops, baseline_peak_mem_mb (and on CUDA baseline_mfu) for the authors' training
-                     step (authors_train_step below), timed the same way after ours, and
-                     ratio = iter_ms / baseline_iter_ms (below 1: ours is faster; the project's goal is <= 0.85)
+                     baseline_tflops, baseline_peak_mem_mb (and on CUDA baseline_mfu) for the authors'
+                     training step (authors_train_step below), timed the same way after ours, and
+                     ratio = iter_ms / baseline_iter_ms: below 1, ours is faster (the project's goal is
+                     <= 0.85)
 
-On a shared machine compare numbers from one run only, and repeat runs: each is a median of --steps iterations.
-load_avg (the 1-minute load average at the end) says how busy the machine was. On a CPU busier than its core
-count, run with OMP_NUM_THREADS=1: spinning OpenMP workers that lose their core can make a step 10-50x slower.
+On a shared machine compare numbers from one run only, and repeat runs: each is a median of --steps
+iterations. load_avg (the 1-minute load average at the end) says how busy the machine was. On a CPU busier
+than its core count, run with OMP_NUM_THREADS=1: spinning OpenMP workers that lose their core can make
+a step 10-50x slower.
 """
 
 import argparse
@@ -75,20 +79,24 @@ from sample import sample
 def parse_args(argv=None):
     """-> (bench.py's options, train.py's args). Flags bench.py does not know go to train.parse_args."""
     p = argparse.ArgumentParser(
-        description="Time train.py's training iteration. Unknown flags are train.py's (--model, --batch-size, "
-                    "--nfe, --repeat, --precision, --compile, --device, --num-workers, --vae, ...).",
+        description="Time train.py's training iteration. Unknown flags are train.py's (--model, "
+                    "--batch-size, --nfe, --repeat, --precision, --compile, --device, --num-workers, --vae, "
+                    "...).",
         allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--in-channels", type=int, default=3, help="channels the networks see (3 pixels, 4 latents)")
+    p.add_argument("--in-channels", type=int, default=3,
+                   help="channels the networks see (3 pixels, 4 latents)")
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--steps", type=int, default=20, help="timed iterations (the median is reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
-    p.add_argument("--baseline", action="store_true", help="also time the authors' training step, and the ratio")
+    p.add_argument("--baseline", action="store_true",
+                   help="also time the authors' training step, and the ratio")
     p.add_argument("--data-loader", action="store_true",
                    help="pull batches from data.Loader over files in a temporary directory, as train.py does")
     options, train_argv = p.parse_known_args(argv)
     args = train.parse_args(train_argv)
     if options.data_loader and not any(a.split("=")[0] == "--num-workers" for a in train_argv):
-        # The workers train.py gives the source simulated here (the default --data cifar10 has none: in memory).
+        # The workers train.py gives the source simulated here (the default --data cifar10 has none: it
+        # sits in memory).
         args.num_workers = train.PRESETS["folder" if options.in_channels == 3 else "imagenet"]["num_workers"]
     if options.steps < 1 or options.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
@@ -99,7 +107,7 @@ def parse_args(argv=None):
     return options, args
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Timing and counting
 
 
@@ -128,7 +136,8 @@ CPU_ATTENTION_FLOPS = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
         lambda q, k, v, *args, out_shape=None, **kwargs: flop_counter.sdpa_flop_count(q, k, v),
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
-        lambda grad, q, k, v, *args, out_shape=None, **kwargs: flop_counter.sdpa_backward_flop_count(grad, q, k, v),
+        lambda grad, q, k, v, *args, out_shape=None, **kwargs:
+            flop_counter.sdpa_backward_flop_count(grad, q, k, v),
 }
 
 
@@ -165,7 +174,7 @@ def peak_memory_mb(device):
     return rss / (2**20 if platform.system() == "Darwin" else 2**10)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Input batches: the four tensors (x_d, y_d, x_g, y_g) of one iteration
 
 
@@ -179,11 +188,12 @@ def synthetic_batches(args, shape, num_classes, device):
 
 
 def write_dataset(root, options, args, count):
-    """count random samples on disk, in a format train.py reads; -> the dataset, as data.make_dataset makes it.
+    """count random samples on disk, in a format train.py reads -> the dataset, as data.make_dataset
+    makes it.
 
-    PNG class folders (data.ImageFolder: train.py --data folder, or --data imagenet with --vae), or, for 4 channels
-    without --vae, a latent .npy as vae.py extracts it (data.LatentDataset: --data imagenet --data-path x.npy).
-    Only 64 distinct PNGs are encoded; the other files are hard links to them.
+    PNG class folders (data.ImageFolder: train.py --data folder, or --data imagenet with --vae), or, for 4
+    channels without --vae, a latent .npy as vae.py extracts it (data.LatentDataset: --data imagenet
+    --data-path x.npy). Only 64 distinct PNGs are encoded; the other files are hard links to them.
     """
     rng = np.random.default_rng(args.seed)
     if options.in_channels == 3 or args.vae:
@@ -211,8 +221,10 @@ def write_dataset(root, options, args, count):
 
 def loader_batches(root, options, args, iterations, device):
     """Batches pulled from data.Loader and, with --vae, encoded to latents, as train.py's next_batch does."""
-    dataset = write_dataset(root, options, args, count=(2 * iterations + 1) * args.batch_size)  # no epoch ends
-    loader = data.Loader(dataset, args.batch_size, seed=args.seed, num_workers=args.num_workers, device=device)
+    # Enough samples that no epoch ends within the run.
+    dataset = write_dataset(root, options, args, count=(2 * iterations + 1) * args.batch_size)
+    loader = data.Loader(dataset, args.batch_size, seed=args.seed, num_workers=args.num_workers,
+                         device=device)
     autoencoder = vae.load_vae(args.vae, device) if args.vae else None
 
     def next_batch():
@@ -222,15 +234,16 @@ def loader_batches(root, options, args, iterations, device):
     return lambda: (*next_batch(), *next_batch())
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The baseline: the authors' training step, as their public trainer runs it (ByteDance-Seed/Adversarial-Flow-Models,
-# train_adversarial_flow_imagenet.py, AdversarialFlowTrainer.training_step / optimizer_step / ema_step), written
-# plainly with losses.py's terms, so that it computes train.py's objective (tests/test_bench.py checks this).
+# ------------------------------------------------------------------------------------------------------------
+# The baseline: the authors' training step, as their public trainer runs it
+# (ByteDance-Seed/Adversarial-Flow-Models, train_adversarial_flow_imagenet.py,
+# AdversarialFlowTrainer.training_step / optimizer_step / ema_step), written plainly with losses.py's terms,
+# so that it computes train.py's objective (tests/test_bench.py checks this).
 #
 # Shared with train.train_step: G under no grad in the D update, with ONE D forward on the concatenation
-# [real, fake, real[:k] + eps n1, fake[:k] + eps n2] (their trainer concatenates; the paper's Algorithm 2 draws four
-# calls); D's parameters frozen (requires_grad False) in the G update; gradient clipping of both networks.
-# Different, and so what `ratio` measures:
+# [real, fake, real[:k] + eps n1, fake[:k] + eps n2] (their trainer concatenates; the paper's Algorithm 2
+# draws four calls); D's parameters frozen (requires_grad False) in the G update; gradient clipping of both
+# networks. Different, and so what `ratio` measures:
 #   - the G update calls D twice, on real and on gradnorm(fake);
 #   - AdamW as torch builds it by default (foreach on CUDA, a per-tensor loop on CPU), never fused;
 #   - the EMA is a Python loop of lerp_, one call per parameter;
@@ -240,15 +253,15 @@ def loader_batches(root, options, args, iterations, device):
 
 
 def build_authors_nets(args, generator_kwargs, discriminator_kwargs, device):
-    """Fresh networks as the authors' trainer builds them: the EMA a deep copy of G, torch's default AdamW. Held
-    in train.Nets, with the plain modules everywhere (the authors' step calls nets.G and nets.D only)."""
+    """Fresh networks as the authors' trainer builds them: the EMA a deep copy of G, torch's default AdamW.
+    Held in train.Nets, with the plain modules everywhere (the authors' step calls nets.G and nets.D only)."""
     G = Generator(**generator_kwargs).to(device)
     D = Discriminator(**discriminator_kwargs).to(device)
     adamw = dict(betas=(0.0, 0.9), eps=1e-8, weight_decay=args.weight_decay)
     return train.Nets(G, D, copy.deepcopy(G), GradientNormalization().to(device),
                       torch.optim.AdamW(G.parameters(), lr=args.g_lr, **adamw),
-                      torch.optim.AdamW(D.parameters(), lr=args.lr, **adamw), G_train=G, G_frozen=G, D_train=D,
-                      D_frozen=D, d_params=[p for p in D.parameters() if p.requires_grad])
+                      torch.optim.AdamW(D.parameters(), lr=args.lr, **adamw), G_train=G, G_frozen=G,
+                      D_train=D, D_frozen=D, d_params=[p for p in D.parameters() if p.requires_grad])
 
 
 def authors_d_update(nets, args, x, y, autocast, augment=None):
@@ -282,8 +295,8 @@ def authors_d_update(nets, args, x, y, autocast, augment=None):
 
 def authors_g_update(nets, args, x, y, ot_scale, autocast, augment=None, guidance=None):
     """The authors' G update: D's parameters frozen, D(real) and D(gradnorm(fake)) as two calls (after the
-    paired augmentation, if any), the OT loss and the guidance term on the un-augmented fake; backward, clipping,
-    AdamW, zero_grad of both optimizers, the EMA loop. Returns the loss."""
+    paired augmentation, if any), the OT loss and the guidance term on the un-augmented fake; backward,
+    clipping, AdamW, zero_grad of both optimizers, the EMA loop. Returns the loss."""
     with autocast():
         x_src, real, s, t, w = losses.make_pairs(x, args.nfe)
         fake = losses.predict(nets.G, x_src, y, s, t, args.pred)
@@ -313,7 +326,7 @@ def authors_train_step(nets, args, x_d, y_d, x_g, y_g, ot_scale, autocast, augme
             authors_g_update(nets, args, x_g, y_g, ot_scale, autocast, augment, guidance))
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Measurements
 
 
@@ -336,7 +349,8 @@ def measure_iterations(train_step, next_batches, options, device):
 
 def measure_ours(args, options, generator_kwargs, discriminator_kwargs, next_batches, step_args, device):
     """train.py's iteration: FLOPs, time, memory; and the EMA generator's sampling time.
-    step_args: what train.py's loop passes train_step after the batches (ot_scale, autocast, augment, guidance)."""
+    step_args: what train.py's loop passes train_step after the batches: (ot_scale, autocast, augment,
+    guidance)."""
     autocast = step_args[1]
     nets = train.build_nets(args, generator_kwargs, discriminator_kwargs, device, distributed=False)
     # FLOPs of one iteration, on the uncompiled modules (the counter cannot see inside compiled kernels).
@@ -373,7 +387,20 @@ def measure_authors(args, options, generator_kwargs, discriminator_kwargs, next_
     return dict(iter_ms=iter_ms, flops=flops, peak_mem_mb=peak_mem_mb)
 
 
+def speed_fields(measured, forward_flops, batch_size, mm_tflops):
+    """The report's speed fields for one kind of step, from measure_ours's or measure_authors's numbers.
+    mm_tflops: the matmul peak of the run's --precision on CUDA, for mfu; None elsewhere."""
+    tflops = measured["flops"] / 1e9 / (measured["iter_ms"] / 1e3) / 1e3
+    fields = dict(iter_ms=measured["iter_ms"], img_per_s=batch_size / (measured["iter_ms"] / 1e3),
+                  gflop_per_iter=measured["flops"] / 1e9, flop_units=measured["flops"] / forward_flops,
+                  tflops=tflops, peak_mem_mb=measured["peak_mem_mb"])
+    if mm_tflops is not None:
+        fields["mfu"] = tflops / mm_tflops
+    return fields
+
+
 def run(options, args):
+    """Measure train.py's iteration (and with --baseline the authors' one) -> the report, as a dict."""
     _, _, device = runtime.setup_distributed(args.device)
     train.validate(args, world_size=1)
     torch.manual_seed(args.seed)
@@ -383,7 +410,8 @@ def run(options, args):
     input_size = args.image_size // 8 if args.vae else args.image_size
     generator_kwargs, discriminator_kwargs = train.network_kwargs(args, options.in_channels, input_size,
                                                                   options.num_classes)
-    # What train.py's loop passes train_step after the batches (lambda_ot at step 0: the value does not matter).
+    # What train.py's loop passes train_step after the batches (lambda_ot at step 0: its value does not
+    # matter here).
     step_args = (train.ot_scale_at(0, args.ot_start, args.ot_end, args.ot_decay_steps), autocast,
                  recipe.make_augment(args), recipe.make_guidance(args, device))
     measure_args = (args, options, generator_kwargs, discriminator_kwargs)
@@ -399,25 +427,15 @@ def run(options, args):
         if options.baseline:
             authors = measure_authors(*measure_args, next_batches, step_args, device)
 
-    gflops = ours["flops"] / 1e9 / (ours["iter_ms"] / 1e3)
-    result = dict(
-        iter_ms=ours["iter_ms"], img_per_s=args.batch_size / (ours["iter_ms"] / 1e3),
-        gflop_per_iter=ours["flops"] / 1e9, flop_units=ours["flops"] / ours["forward_flops"],
-        gflops=gflops, tflops=gflops / 1e3, **peaks, mm_fraction=gflops / peaks["mm_fp32_gflops"])
-    if device.type == "cuda":
-        result["mfu"] = result["tflops"] / peaks[f"mm_{args.precision}_tflops"]
-    result.update(peak_mem_mb=ours["peak_mem_mb"], warmup_s=ours["warmup_s"], sample_ms=ours["sample_ms"],
-                  sample_nfe=ours["sample_nfe"])
+    mm_tflops = peaks[f"mm_{args.precision}_tflops"] if device.type == "cuda" else None
+    result = speed_fields(ours, ours["forward_flops"], args.batch_size, mm_tflops)
+    gflops = result["tflops"] * 1e3
+    result.update(gflops=gflops, **peaks, mm_fraction=gflops / peaks["mm_fp32_gflops"],
+                  warmup_s=ours["warmup_s"], sample_ms=ours["sample_ms"], sample_nfe=ours["sample_nfe"])
     if authors is not None:
-        baseline_tflops = authors["flops"] / 1e12 / (authors["iter_ms"] / 1e3)
-        result.update(baseline_iter_ms=authors["iter_ms"],
-                      baseline_img_per_s=args.batch_size / (authors["iter_ms"] / 1e3),
-                      baseline_gflop_per_iter=authors["flops"] / 1e9,
-                      baseline_flop_units=authors["flops"] / ours["forward_flops"],
-                      baseline_tflops=baseline_tflops, baseline_peak_mem_mb=authors["peak_mem_mb"],
+        baseline = speed_fields(authors, ours["forward_flops"], args.batch_size, mm_tflops)
+        result.update({f"baseline_{key}": value for key, value in baseline.items()},
                       ratio=ours["iter_ms"] / authors["iter_ms"])
-        if device.type == "cuda":
-            result["baseline_mfu"] = baseline_tflops / peaks[f"mm_{args.precision}_tflops"]
     result.update(model=args.model, image_size=args.image_size, in_channels=options.in_channels,
                   num_classes=options.num_classes, batch_size=args.batch_size, precision=args.precision,
                   compile=args.compile, nfe=args.nfe, repeat=args.repeat, data_loader=options.data_loader,
