@@ -1,7 +1,7 @@
 """Data for AFM training: datasets, and an endless loader that resumes exactly.
 
-Four sources, each a map-style dataset indexed by an (index, flip) pair, so the horizontal flip is decided by the
-loader's seeded generator and not by worker processes:
+Four sources, each a map-style dataset indexed by an (index, flip) pair, so the horizontal flip is decided by
+the loader's seeded generator and not by worker processes:
 
 - CIFAR-10, from the official python archive or its extracted folder         -> ArrayDataset (uint8 3x32x32)
 - MNIST and Fashion-MNIST, from the four official IDX files                  -> ArrayDataset (uint8 1xSxS)
@@ -9,9 +9,9 @@ loader's seeded generator and not by worker processes:
 - ImageNet latents extracted once by vae.py into one structured .npy file    -> LatentDataset (float32 4xhxw)
 
 make_dataset() picks one from the command line's --data name. Loader deals them out as endless, rank-sharded
-minibatches on the training device (pixels scaled to [-1, 1], latents as they are), and its state_dict() is two
-integers that make a resumed run see exactly the batches it would have seen. Bad input raises DataError with one line
-meant for the user; an unreadable image is skipped with a warning.
+minibatches on the training device (pixels scaled to [-1, 1], latents as they are), and its state_dict() is
+two integers that make a resumed run see exactly the batches it would have seen. Bad input raises DataError
+with one line meant for the user; an unreadable image is skipped with a warning.
 """
 
 import gzip
@@ -41,7 +41,8 @@ CIFAR10_BATCH_MD5 = {  # the files of the extracted archive, cifar-10-batches-py
 }
 # MNIST and Fashion-MNIST: where the four IDX files are published, and the MD5 of each .gz file there.
 IDX_SOURCES = {
-    "mnist": ("https://ossci-datasets.s3.amazonaws.com/mnist/", {  # the mirror of yann.lecun.com torchvision uses
+    # the mirror of yann.lecun.com that torchvision uses
+    "mnist": ("https://ossci-datasets.s3.amazonaws.com/mnist/", {
         "train-images-idx3-ubyte": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
         "train-labels-idx1-ubyte": "d53e105ee54ea40749a09fcbcd1e9432",
         "t10k-images-idx3-ubyte": "9fb629c4189551a2d022fa330f9573f3",
@@ -52,8 +53,9 @@ IDX_SOURCES = {
         "t10k-images-idx3-ubyte": "bef4ecab320f06d8554ea6380940ec79",
         "t10k-labels-idx1-ubyte": "bb300cfdad3c16e7a12a480ee83cd310"}),
 }
-# MD5 of the decompressed bytes, where known: a distribution that re-compresses the files changes the .gz checksum
-# but not this one. Read off Debian's dataset-fashion-mnist, whose .gz files carry a 2020 timestamp in their header.
+# MD5 of the decompressed bytes, where known: a distribution that re-compresses the files changes the .gz
+# checksum but not this one. Read off Debian's dataset-fashion-mnist, whose .gz files carry a 2020
+# timestamp in their header.
 IDX_CONTENT_MD5 = {
     "fashion-mnist": {"train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
                       "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
@@ -74,16 +76,16 @@ def warn(message):
     tqdm.write(f"warning: {message}", file=sys.stderr)  # keeps a progress bar intact
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Downloads
 
 
 def download(url, path, md5=None, sha256=None, what=None):
     """Download url to path: resumable, verified, atomic.
 
-    Bytes go to path + ".part" (resumed with an HTTP Range request when one is left from an earlier try); only a file
-    whose checksum matches is renamed to path, so a partial download is never mistaken for a complete one. `what`
-    names the file in the offline message (default: its file name).
+    Bytes go to path + ".part" (resumed with an HTTP Range request when one is left from an earlier try); only
+    a file whose checksum matches is renamed to path, so a partial download is never mistaken for a complete
+    one. `what` names the file in the offline message (default: its file name).
     """
     path = os.fspath(path)
     part = path + ".part"
@@ -95,14 +97,15 @@ def download(url, path, md5=None, sha256=None, what=None):
         try:
             _fetch(url, part, os.path.basename(path))
             break
-        except OSError as error:  # urllib's URLError and HTTPError, timeouts and socket errors are all OSErrors
+        # urllib's URLError and HTTPError, timeouts and socket errors are all OSErrors
+        except OSError as error:
             reason = error if isinstance(error, urllib.error.HTTPError) else getattr(error, "reason", error)
             if attempt < 2:
                 time.sleep(2**attempt)
     else:
         what = what or os.path.basename(path)
-        raise DataError(f"{what} is not in {os.path.dirname(path) or '.'} and could not be downloaded ({reason}). "
-                        f"Download {url} and put it at {path}")
+        raise DataError(f"{what} is not in {os.path.dirname(path) or '.'} and could not be downloaded "
+                        f"({reason}). Download {url} and put it at {path}")
     for algorithm, expected in (("md5", md5), ("sha256", sha256)):
         if not expected:
             continue
@@ -116,7 +119,8 @@ def download(url, path, md5=None, sha256=None, what=None):
 
 
 def _fetch(url, part, name):
-    """One download attempt: append the rest of url to part, or rewrite part if the server ignores the Range."""
+    """One download attempt: append the rest of url to part, or rewrite part if the server ignores the
+    Range."""
     offset = os.path.getsize(part) if os.path.exists(part) else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
     try:
@@ -130,8 +134,8 @@ def _fetch(url, part, name):
             offset = 0
         size = int(response.headers.get("Content-Length") or 0)
         with open(part, "ab" if offset else "wb") as file, \
-                tqdm(total=offset + size or None, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
-                     desc=name, leave=False) as progress:
+                tqdm(total=offset + size or None, initial=offset, unit="B", unit_scale=True,
+                     unit_divisor=1024, desc=name, leave=False) as progress:
             while chunk := response.read(1 << 20):
                 file.write(chunk)
                 progress.update(len(chunk))
@@ -148,7 +152,7 @@ def _file_digest(path, algorithm):
 _download = download  # load_cifar10's `download` flag hides the function's name inside it
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # CIFAR-10
 
 try:
@@ -158,7 +162,8 @@ except ImportError:  # numpy 1
 
 
 class _CifarUnpickler(pickle.Unpickler):
-    """Unpickles only what the CIFAR-10 batches hold (dicts, lists, bytes, ints, numpy arrays): no code can run."""
+    """Unpickles only what the CIFAR-10 batches hold (dicts, lists, bytes, ints, numpy arrays): no code can
+    run."""
 
     allowed = {
         ("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct,  # the name in the archive (numpy 1)
@@ -177,7 +182,8 @@ _verified_files = set()  # (path, size, mtime): files whose checksum this proces
 
 
 def _check_md5(path, expected, complaint):
-    """Raise DataError(complaint) unless the file's MD5 is `expected`; each file is hashed once per process."""
+    """Raise DataError(complaint) unless the file's MD5 is `expected`; each file is hashed once per
+    process."""
     stat = os.stat(path)
     key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
     if key in _verified_files:
@@ -189,18 +195,20 @@ def _check_md5(path, expected, complaint):
 
 
 def load_cifar10(root="./data", train=True, download=True):
-    """CIFAR-10 as (images, labels): uint8 (N, 32, 32, 3) RGB and int64 (N,), N = 50000 (train) or 10000 (test).
+    """CIFAR-10 as (images, labels): uint8 (N, 32, 32, 3) RGB and int64 (N,), N = 50000 (train) or 10000
+    (test).
 
-    Reads root/cifar-10-batches-py/ (the extracted archive, as torchvision leaves it) when that folder exists, each
-    file checked against its official MD5. Otherwise reads the official archive root/cifar-10-python.tar.gz
-    (downloaded when missing) without extracting it.
+    Reads root/cifar-10-batches-py/ (the extracted archive, as torchvision leaves it) when that folder exists,
+    each file checked against its official MD5. Otherwise reads the official archive
+    root/cifar-10-python.tar.gz (downloaded when missing) without extracting it.
     """
     names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
     folder = os.path.join(root, "cifar-10-batches-py")
     if os.path.isdir(folder):
         batches, source = {name: _read_cifar_batch(folder, name) for name in names}, folder
     else:
-        batches, source = _read_cifar_archive(root, names, download), os.path.join(root, "cifar-10-python.tar.gz")
+        batches = _read_cifar_archive(root, names, download)
+        source = os.path.join(root, "cifar-10-python.tar.gz")
 
     images, labels = [], []
     for name in names:
@@ -222,7 +230,8 @@ def _read_cifar_archive(root, names, download):
         if not download:
             raise DataError(f"CIFAR-10 is not in {root}. Download {CIFAR10_URL} and put it at {path}")
         _download(CIFAR10_URL, path, md5=CIFAR10_MD5, what="CIFAR-10")
-    _check_md5(path, CIFAR10_MD5, f"{path} is not the CIFAR-10 archive (wrong MD5); delete it to download it again")
+    _check_md5(path, CIFAR10_MD5,
+               f"{path} is not the CIFAR-10 archive (wrong MD5); delete it to download it again")
     batches = {}
     try:
         with tarfile.open(path, "r:gz") as archive:
@@ -239,9 +248,11 @@ def _read_cifar_batch(folder, name):
     """One file of the extracted archive, checked against its official MD5 before it is unpickled."""
     path = os.path.join(folder, name)
     if not os.path.isfile(path):
-        raise DataError(f"{path} is missing: a CIFAR-10 folder holds data_batch_1 ... data_batch_5 and test_batch")
-    _check_md5(path, CIFAR10_BATCH_MD5[name], f"{path} has MD5 {{got}}, not the official "
-                                              f"{CIFAR10_BATCH_MD5[name]}: the file is damaged or not CIFAR-10's")
+        raise DataError(f"{path} is missing: a CIFAR-10 folder holds data_batch_1 ... data_batch_5 and "
+                        f"test_batch")
+    _check_md5(path, CIFAR10_BATCH_MD5[name],
+               f"{path} has MD5 {{got}}, not the official {CIFAR10_BATCH_MD5[name]}: the file is damaged or "
+               f"not CIFAR-10's")
     try:
         with open(path, "rb") as file:
             return _CifarUnpickler(file, encoding="bytes").load()
@@ -249,7 +260,7 @@ def _read_cifar_batch(folder, name):
         raise DataError(f"{path} is not a readable CIFAR-10 batch ({error})") from None
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # MNIST and Fashion-MNIST
 
 
@@ -274,7 +285,8 @@ def load_idx_dataset(name, root, train=True, download=True):
     images = _read_idx(name, root, f"{prefix}-images-idx3-ubyte", download)
     labels = _read_idx(name, root, f"{prefix}-labels-idx1-ubyte", download)
     if images.ndim != 3 or images.shape[1:] != (28, 28) or labels.shape != images.shape[:1]:
-        raise DataError(f"the {name} files in {root} do not match: images {images.shape}, labels {labels.shape}")
+        raise DataError(f"the {name} files in {root} do not match: images {images.shape}, "
+                        f"labels {labels.shape}")
     if labels.max() > 9:
         raise DataError(f"{root}/{prefix}-labels-idx1-ubyte has labels above 9: not {name}")
     return images, labels.astype(np.int64)
@@ -288,7 +300,8 @@ def _read_idx(name, root, file, download):
     path = os.path.join(root, file)
     if not os.path.exists(path + ".gz") and not os.path.exists(path):
         if not download:
-            raise DataError(f"{file}.gz of {name} is not in {root}. Download {base_url}{file}.gz and put it there")
+            raise DataError(f"{file}.gz of {name} is not in {root}. Download {base_url}{file}.gz and put it "
+                            f"there")
         _download(base_url + file + ".gz", path + ".gz", md5=gz_md5[file], what=f"{file}.gz of {name}")
     compressed = os.path.exists(path + ".gz")  # the .gz when both are there: its checksum is always known
     path = path + ".gz" if compressed else path
@@ -314,7 +327,8 @@ def _read_idx(name, root, file, download):
 
 
 def fit_to_size(images, size):
-    """uint8 (N, 28, 28) -> (N, size, size): padded with black to a larger size, box-resized to a smaller one."""
+    """uint8 (N, 28, 28) -> (N, size, size): padded with black to a larger size, box-resized to a smaller
+    one."""
     height = images.shape[1]
     if size >= height:
         before = (size - height) // 2
@@ -340,15 +354,15 @@ class ArrayDataset(Dataset):
         return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), int(self.labels[index])
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Image folders
 
 
 def center_crop_arr(pil_image, image_size):
     """ADM's resize and center crop: PIL image -> uint8 (image_size, image_size[, 3]).
 
-    Halve with a box filter while the short side is at least twice the target (cheap, alias-free), then bicubic to
-    make the short side exactly image_size, then cut the central square.
+    Halve with a box filter while the short side is at least twice the target (cheap, alias-free), then
+    bicubic to make the short side exactly image_size, then cut the central square.
     """
     while min(*pil_image.size) >= 2 * image_size:
         pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
@@ -362,11 +376,11 @@ def center_crop_arr(pil_image, image_size):
 class ImageFolder(Dataset):
     """Images in root/<class>/<file>; item (index, flip) -> (uint8 (C, S, S), label), S = image_size.
 
-    C is 1 when the first image is grayscale (PIL mode L, 1, I or I;16): every image is then read as grayscale.
-    Otherwise C = 3 and every image is read as RGB.
+    C is 1 when the first image is grayscale (PIL mode L, 1, I or I;16): every image is then read as
+    grayscale. Otherwise C = 3 and every image is read as RGB.
 
-    Classes are the sorted subfolder names (.classes); label i is .classes[i]. An unreadable image is skipped: the item
-    is the next readable one, and a warning names the bad file once.
+    Classes are the sorted subfolder names (.classes); label i is .classes[i]. An unreadable image is skipped:
+    the item is the next readable one, and a warning names the bad file once.
     """
 
     def __init__(self, root, image_size):
@@ -378,7 +392,8 @@ class ImageFolder(Dataset):
             raise DataError(f"{root} has no class folders (expected {root}/<class>/<image>)")
         self.samples = []  # (path, label)
         for label, name in enumerate(self.classes):
-            files = sorted(f for f in os.listdir(os.path.join(root, name)) if f.lower().endswith(IMAGE_EXTENSIONS))
+            files = sorted(f for f in os.listdir(os.path.join(root, name))
+                           if f.lower().endswith(IMAGE_EXTENSIONS))
             self.samples += [(os.path.join(root, name, f), label) for f in files]
         if not self.samples:
             raise DataError(f"no image files in the class folders of {root}")
@@ -404,34 +419,36 @@ class ImageFolder(Dataset):
     def _load(self, index, flip):
         """(image, label, skipped): the sample at index, or the first readable one after it (wrapping around).
 
-        skipped lists (path, reason) for the unreadable files passed over, so that Loader can report them from the main
-        process when this runs in a worker.
+        skipped lists (path, reason) for the unreadable files passed over, so that Loader can report them from
+        the main process when this runs in a worker.
         """
         skipped = []
         for offset in range(len(self.samples)):
             path, label = self.samples[(index + offset) % len(self.samples)]
             try:
                 with Image.open(path) as file:
-                    image = file.convert("L" if self.channels == 1 else "RGB")  # decodes; raises on broken files
+                    # decodes the file, and raises if it is broken
+                    image = file.convert("L" if self.channels == 1 else "RGB")
             except Exception as error:
                 skipped.append((path, str(error).splitlines()[0] if str(error) else type(error).__name__))
                 continue
-            array = center_crop_arr(image, self.image_size).reshape(self.image_size, self.image_size, -1)  # (S, S, C)
+            size = self.image_size
+            array = center_crop_arr(image, size).reshape(size, size, -1)  # (S, S, C)
             if flip:
                 array = array[:, ::-1]
             return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))), label, tuple(skipped)
         raise DataError(f"no readable image in {self.root}")
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Latents
 
 
 class LatentDataset(Dataset):
     """Latents extracted by vae.py: one .npy of records ("latent", "<f2", (2, C, h, w)), ("label", "<i8").
 
-    latent[0] encodes the image, latent[1] its mirror image, both already scaled by 0.18215. The file is memory-mapped.
-    Item (index, flip) -> (float32 (C, h, w), label).
+    latent[0] encodes the image, latent[1] its mirror image, both already scaled by 0.18215. The file is
+    memory-mapped. Item (index, flip) -> (float32 (C, h, w), label).
     """
 
     def __init__(self, path):
@@ -458,8 +475,8 @@ class LatentDataset(Dataset):
         record = self.records[index]
         return torch.from_numpy(record["latent"][int(flip)].astype(np.float32)), int(record["label"])
 
-    # Worker processes started with "spawn" (macOS, Windows) receive the path and map the file themselves, rather
-    # than a pickled copy of the whole array.
+    # Worker processes started with "spawn" (macOS, Windows) receive the path and map the file themselves,
+    # rather than a pickled copy of the whole array.
     def __getstate__(self):
         return {"path": self.path}
 
@@ -476,7 +493,8 @@ def make_dataset(name, data_path, image_size):
         images, labels = load_idx_dataset(name, find_idx_folder(name, data_path))
         return ArrayDataset(fit_to_size(images, image_size)[..., None], labels), 10, 1, image_size
     if name not in ("folder", "imagenet"):
-        raise DataError(f"unknown dataset {name!r} (choose cifar10, mnist, fashion-mnist, folder or imagenet)")
+        raise DataError(f"unknown dataset {name!r} (choose cifar10, mnist, fashion-mnist, folder or "
+                        f"imagenet)")
     if not data_path:
         raise DataError(f"dataset {name} needs a data path: a folder of class folders"
                         + (" or a latent .npy file" if name == "imagenet" else ""))
@@ -490,7 +508,7 @@ def make_dataset(name, data_path, image_size):
     return ImageFolder(data_path, 256), 1000, 3, 256  # pixels: the caller encodes them with the VAE
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Loader
 
 
@@ -513,7 +531,8 @@ def _collate(items):
 
 
 class _EpochBatches:
-    """The batch sampler: the batches of (index, flip) keys left in the current epoch, swapped in by Loader."""
+    """The batch sampler: the batches of (index, flip) keys left in the current epoch, swapped in by
+    Loader."""
 
     def __init__(self):
         self.batches = []
@@ -528,13 +547,15 @@ class _EpochBatches:
 class Loader:
     """Endless minibatches of (x, y) on device, sharded over ranks, resumable to the exact batch.
 
-    Epoch e shuffles with a generator seeded by (seed, e), so every rank (same seed) draws the same permutation and
-    flips. The permutation is padded by wrap-around to a multiple of world_size and rank r takes positions r, r + W,
-    ... (DistributedSampler's split); batches are consecutive chunks of batch_size (per rank) and the incomplete last
-    chunk is dropped. x is float32, uint8 pixels mapped to [-1, 1]; latents pass unchanged. y is int64.
+    Epoch e shuffles with a generator seeded by (seed, e), so every rank (same seed) draws the same
+    permutation and flips. The permutation is padded by wrap-around to a multiple of world_size and rank r
+    takes positions r, r + W, ... (DistributedSampler's split); batches are consecutive chunks of batch_size
+    (per rank) and the incomplete last chunk is dropped. x is float32, uint8 pixels mapped to [-1, 1]; latents
+    pass unchanged. y is int64.
     """
 
-    def __init__(self, dataset, batch_size, rank=0, world_size=1, seed=0, num_workers=0, device="cpu", flip=True):
+    def __init__(self, dataset, batch_size, rank=0, world_size=1, seed=0, num_workers=0, device="cpu",
+                 flip=True):
         if len(dataset) == 0:
             raise DataError("the dataset is empty")
         self.per_rank = math.ceil(len(dataset) / world_size)  # samples each rank gets per epoch
@@ -562,7 +583,8 @@ class Loader:
         padded = self.per_rank * self.world_size  # wrap around to a multiple of world_size
         order = order.repeat(math.ceil(padded / n))[:padded]
         flips = torch.randint(2, (len(order),), generator=generator).bool() & self.flip
-        return list(zip(order[self.rank::self.world_size].tolist(), flips[self.rank::self.world_size].tolist()))
+        this_rank = slice(self.rank, None, self.world_size)  # positions rank, rank + W, ...
+        return list(zip(order[this_rank].tolist(), flips[this_rank].tolist()))
 
     def __iter__(self):
         return self
@@ -596,6 +618,7 @@ class Loader:
 
     def load_state_dict(self, state):
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
-        if self.batch >= self.batches_per_epoch:  # saved by a run with longer epochs (fewer ranks, smaller batches)
+        # saved by a run with longer epochs (fewer ranks, smaller batches)
+        if self.batch >= self.batches_per_epoch:
             self.epoch, self.batch = self.epoch + 1, 0
         self._iterator, self._skipped = None, set()
