@@ -2,29 +2,32 @@
 Frechet Inception Distance (FID), self-contained: the FID Inception network, its input pipelines, streamed
 feature statistics, the Frechet distance and a command line.
 
-FID compares two image sets through the 2048-d pool features of an Inception-v3 network. Fit one Gaussian to each
-set's features (mean mu, covariance sigma), then take the Frechet (2-Wasserstein) distance between the Gaussians:
+FID compares two image sets through the 2048-d pool features of an Inception-v3 network. Fit one
+Gaussian to each set's features (mean mu, covariance sigma), then take the Frechet (2-Wasserstein)
+distance between the Gaussians:
 
     FID = ||mu1 - mu2||^2 + tr(sigma1) + tr(sigma2) - 2 tr( (sigma1 sigma2)^(1/2) )
 
-Published FIDs all use one network: the TensorFlow Inception graph of 2015-12-05 that the original FID code shipped.
-Its PyTorch port is pytorch-fid's release file pt_inception-2015-12-05-6726825d.pth, which this file loads unchanged.
-The port differs from torchvision's Inception-v3 in two places: the average pools in the A, C and E blocks ignore
-the zero padding, and the last E block max-pools in its pool branch.
+Published FIDs all use one network: the TensorFlow Inception graph of 2015-12-05 that the original FID code
+shipped. Its PyTorch port is pytorch-fid's release file pt_inception-2015-12-05-6726825d.pth, which this file
+loads unchanged. The port differs from torchvision's Inception-v3 in two places: the average pools in the A, C
+and E blocks ignore the zero padding, and the last E block max-pools in its pool branch.
 
 The network sees 299x299 inputs. Two resize pipelines are in use, and they give slightly different FIDs:
 - resize="tf1" (default): TensorFlow 1's bilinear resize (no half-pixel offset) on [0, 255] values, then
   (x - 128) / 128. This is what the original TF code, ADM's evaluation suite and torch-fidelity compute.
-- resize="pytorch": x / 255, torch's bilinear interpolate (half-pixel centers), then 2x - 1. This is pytorch-fid.
+- resize="pytorch": x / 255, torch's bilinear interpolate (half-pixel centers), then 2x - 1. This is
+  pytorch-fid.
 
 Usage:
-    python fid.py samples.npz reference.npz       # FID between two sets; prints "FID <value>"
-    python fid.py samples/ reference_stats.npz    # image folders work too; so do precomputed mu/sigma files
-    python fid.py --stats cifar10_stats.npz cifar10   # write mu/sigma of a set (here: the CIFAR-10 training set)
+    python fid.py samples.npz reference.npz          # FID between two sets; prints "FID <value>"
+    python fid.py samples/ reference_stats.npz       # image folders and precomputed mu/sigma files work too
+    python fid.py --stats cifar10_stats.npz cifar10  # write mu/sigma of a set (here: CIFAR-10's training set)
 
-A set is an .npz with arr_0 = uint8 (N, H, W, 3) (ADM's sample format), an .npz holding precomputed mu and sigma,
-or a folder of images (searched recursively). The weights download once to ~/.cache/afm/, checked by SHA-256 (set
-AFM_FID_WEIGHTS to put them elsewhere); --weights PATH uses a file you already have, checked by its keys and shapes.
+A set is an .npz with arr_0 = uint8 (N, H, W, 3) (ADM's sample format), an .npz holding precomputed mu and
+sigma, or a folder of images (searched recursively). The weights download once to ~/.cache/afm/, checked
+by SHA-256 (set AFM_FID_WEIGHTS to put them elsewhere); --weights PATH uses a file you already have,
+checked by its keys and shapes.
 """
 
 import argparse
@@ -46,7 +49,8 @@ import runtime
 
 WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                "pt_inception-2015-12-05-6726825d.pth")
-# SHA-256 of that file (95,628,359 bytes); its first 8 hex digits are the "6726825d" in the name (torch.hub's habit).
+# SHA-256 of that file (95,628,359 bytes); its first 8 hex digits are the "6726825d" in the name (torch.hub's
+# habit).
 WEIGHTS_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
 FEATURE_DIM = 2048
 TRAINING_SETS = ("cifar10", "mnist", "fashion-mnist")  # sources named by dataset instead of by path
@@ -56,15 +60,16 @@ class FidError(Exception):
     """A problem with the user's input or weights, reported as one line by the command line."""
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The two input pipelines: resize any image to 299x299, then scale to [-1, 1].
 
 def resize_bilinear_tf1(x, size):
-    """TensorFlow 1's tf.image.resize_bilinear(align_corners=False): x (N, C, H, W) float -> (N, C, size, size).
+    """TensorFlow 1's tf.image.resize_bilinear(align_corners=False): x (N, C, H, W) float -> (N, C, size,
+    size).
 
-    Output pixel i reads source coordinate i * (in / out), with no half-pixel offset (so the image shifts slightly
-    toward the top-left), and blends the two neighbours floor(coord) and floor(coord) + 1 (clamped to the last pixel).
-    Coordinates are float32 as in TF. Blend along the width first, then along the height.
+    Output pixel i reads source coordinate i * (in / out), with no half-pixel offset (so the image shifts
+    slightly toward the top-left), and blends the two neighbours floor(coord) and floor(coord) + 1 (clamped to
+    the last pixel). Coordinates are float32 as in TF. Blend along the width first, then along the height.
     """
     def neighbours(n_in):
         scale = torch.tensor(n_in / size, dtype=torch.float32)
@@ -90,8 +95,9 @@ def preprocess(images, resize):
     return 2 * x - 1
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# The FID Inception network. Module names follow the weight file's keys ("Mixed_5b.branch1x1.conv.weight", ...).
+# ------------------------------------------------------------------------------------------------------------
+# The FID Inception network. Module names follow the weight file's keys
+# ("Mixed_5b.branch1x1.conv.weight", ...).
 
 class ConvBN(nn.Module):
     """The unit every Inception layer is built from: conv (no bias) -> batch norm (eps 1e-3) -> ReLU."""
@@ -111,7 +117,8 @@ def avg_pool_3x3(x):
 
 
 class InceptionA(nn.Module):
-    """Mixed_5b/5c/5d at 35x35: four parallel branches (1x1, 5x5, double 3x3, pool), concatenated on channels."""
+    """Mixed_5b/5c/5d at 35x35: four parallel branches (1x1, 5x5, double 3x3, pool), concatenated on
+    channels."""
 
     def __init__(self, c_in, pool_channels):
         super().__init__()
@@ -151,7 +158,8 @@ class InceptionB(nn.Module):
 
 
 class InceptionC(nn.Module):
-    """Mixed_6b..6e at 17x17: 7x7 convolutions factored into 1x7 and 7x1, with c7 channels inside the branches."""
+    """Mixed_6b..6e at 17x17: 7x7 convolutions factored into 1x7 and 7x1, with c7 channels inside the
+    branches."""
 
     def __init__(self, c_in, c7):
         super().__init__()
@@ -194,7 +202,8 @@ class InceptionD(nn.Module):
 
 
 class InceptionE(nn.Module):
-    """Mixed_7b/7c at 8x8: the 3x3 branches split into parallel 1x3 and 3x1 convs. pool: "avg" (7b) or "max" (7c)."""
+    """Mixed_7b/7c at 8x8: the 3x3 branches split into parallel 1x3 and 3x1 convs. pool: "avg" (7b) or "max"
+    (7c)."""
 
     def __init__(self, c_in, pool):
         super().__init__()
@@ -222,7 +231,8 @@ class InceptionE(nn.Module):
 
 
 class InceptionV3(nn.Module):
-    """The FID Inception: images -> (N, 2048) pool features. resize: "tf1" (ADM, torch-fidelity) or "pytorch"."""
+    """The FID Inception: images -> (N, 2048) pool features. resize: "tf1" (ADM, torch-fidelity) or
+    "pytorch"."""
 
     def __init__(self, resize="tf1"):
         super().__init__()
@@ -261,7 +271,7 @@ class InceptionV3(nn.Module):
         return x.mean(dim=(2, 3))                                                  # (N, 2048)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Weights: download once (resumable, checksummed), then load with a key check.
 
 def default_weights_path():
@@ -280,8 +290,9 @@ def download(url, path, sha256):
 def load_inception(weights=None, resize="tf1", device="cpu"):
     """The FID Inception in eval mode on device.
 
-    weights=None uses the default file (downloaded and SHA-256-checked on first use). An explicit weights path is
-    taken as given, so converted or re-saved copies work too; either way the keys and shapes must match exactly.
+    weights=None uses the default file (downloaded and SHA-256-checked on first use). An explicit
+    weights path is taken as given, so converted or re-saved copies work too; either way the keys and
+    shapes must match exactly.
     """
     if weights is None:
         weights = default_weights_path()
@@ -302,7 +313,7 @@ def load_inception(weights=None, resize="tf1", device="cpu"):
     return model.eval().requires_grad_(False).to(device)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Statistics: mean and covariance of the features, accumulated batch by batch in float64.
 
 class FeatureStatistics:
@@ -322,7 +333,8 @@ class FeatureStatistics:
         self.sum_outer += x.T @ x
 
     def mean_and_covariance(self):
-        """-> mu (D,), sigma (D, D) as float64 numpy; sigma is the unbiased (N - 1) covariance, like np.cov."""
+        """-> mu (D,), sigma (D, D) as float64 numpy; sigma is the unbiased (N - 1) covariance, like
+        np.cov."""
         if self.count < 2:
             raise FidError(f"need at least 2 images for a covariance, got {self.count}")
         mu = self.sum / self.count
@@ -340,7 +352,7 @@ def compute_statistics(batches, model, device, total=None):
     return stats.mean_and_covariance()
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Image sources: .npz files (images or precomputed statistics), image folders, CIFAR-10.
 
 def iterate_array(images, batch_size):
@@ -352,7 +364,10 @@ def iterate_array(images, batch_size):
 def read_images_header(f, path):
     """Read and check the .npy header of arr_0 from its open zip member f -> shape (N, H, W, 3)."""
     version = np.lib.format.read_magic(f)
-    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    if version == (1, 0):
+        read_header = np.lib.format.read_array_header_1_0
+    else:
+        read_header = np.lib.format.read_array_header_2_0
     shape, fortran_order, dtype = read_header(f)
     if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3 or fortran_order:
         raise FidError(f"{path}: arr_0 must be uint8 (N, H, W, 3), got {dtype} {shape}")
@@ -360,7 +375,8 @@ def read_images_header(f, path):
 
 
 def iterate_npz(path, batch_size):
-    """arr_0 of an .npz in batches of uint8 (n, H, W, 3), read straight from the zip so it is never all in memory."""
+    """arr_0 of an .npz in batches of uint8 (n, H, W, 3), read straight from the zip so it is never all in
+    memory."""
     with zipfile.ZipFile(path) as archive, archive.open("arr_0.npy") as f:
         shape = read_images_header(f, path)
         for start in range(0, shape[0], batch_size):
@@ -389,8 +405,8 @@ def iterate_folder(paths, batch_size):
 
 
 def load_training_set(name, root):
-    """The training images of cifar10, mnist or fashion-mnist as uint8 (N, S, S, 3): S = 32 for CIFAR-10 and 28
-    for the MNISTs, whose gray levels are replicated to RGB, as sample.py writes them."""
+    """The training images of cifar10, mnist or fashion-mnist as uint8 (N, S, S, 3): S = 32 for CIFAR-10 and
+    28 for the MNISTs, whose gray levels are replicated to RGB, as sample.py writes them."""
     try:
         if name == "cifar10":
             return data.load_cifar10(root or "./data")[0]  # uint8 (50000, 32, 32, 3)
@@ -401,14 +417,15 @@ def load_training_set(name, root):
 
 
 def source_statistics(source, get_model, batch_size, device, data_root=None):
-    """mu, sigma of a source: an .npz (arr_0 images, or mu/sigma), an image folder, or the name of a training set
-    ("cifar10", "mnist", "fashion-mnist"; data_root None: where train.py looks)."""
+    """mu, sigma of a source: an .npz (arr_0 images, or mu/sigma), an image folder, or the name of a training
+    set ("cifar10", "mnist", "fashion-mnist"; data_root None: where train.py looks)."""
     path = Path(source)
     if source in TRAINING_SETS and not path.exists():
         images = load_training_set(source, data_root)
         batches, total = iterate_array(images, batch_size), -(-len(images) // batch_size)
     elif path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in data.IMAGE_EXTENSIONS and p.is_file())
+        files = sorted(p for p in path.rglob("*")
+                       if p.suffix.lower() in data.IMAGE_EXTENSIONS and p.is_file())
         if not files:
             raise FidError(f"{path}: no images found (looked for {', '.join(data.IMAGE_EXTENSIONS)})")
         batches, total = iterate_folder(files, batch_size), None
@@ -417,7 +434,8 @@ def source_statistics(source, get_model, batch_size, device, data_root=None):
             if "mu" in npz.files and "sigma" in npz.files:  # precomputed statistics
                 return npz["mu"].astype(np.float64), npz["sigma"].astype(np.float64)
             if "arr_0" not in npz.files:
-                raise FidError(f"{path}: has neither arr_0 (uint8 images) nor mu and sigma; keys are {npz.files}")
+                raise FidError(f"{path}: has neither arr_0 (uint8 images) nor mu and sigma; "
+                               f"keys are {npz.files}")
         with zipfile.ZipFile(path) as archive, archive.open("arr_0.npy") as f:
             count = read_images_header(f, path)[0]  # checked now, before the network is loaded
         batches, total = iterate_npz(path, batch_size), -(-count // batch_size)
@@ -426,11 +444,12 @@ def source_statistics(source, get_model, batch_size, device, data_root=None):
     return compute_statistics(batches, get_model(), device, total=total)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The Frechet distance between two Gaussians.
 
 def sqrtm_psd(matrix):
-    """Square root of a symmetric positive semi-definite matrix by eigen-decomposition (negative noise clipped)."""
+    """Square root of a symmetric positive semi-definite matrix by eigen-decomposition (negative noise
+    clipped)."""
     eigenvalues, eigenvectors = np.linalg.eigh(matrix)
     return (eigenvectors * np.sqrt(eigenvalues.clip(min=0))) @ eigenvectors.T
 
@@ -438,13 +457,15 @@ def sqrtm_psd(matrix):
 def frechet_distance(mu1, sigma1, mu2, sigma2):
     """||mu1 - mu2||^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^(1/2)), in float64.
 
-    sigma1 sigma2 is not symmetric, but it is similar to sqrt(sigma1) sigma2 sqrt(sigma1), which is symmetric PSD
-    and has the same eigenvalues. So tr((sigma1 sigma2)^(1/2)) = sum of the square roots of that matrix's eigenvalues.
+    sigma1 sigma2 is not symmetric, but it is similar to sqrt(sigma1) sigma2 sqrt(sigma1), which is
+    symmetric PSD and has the same eigenvalues. So tr((sigma1 sigma2)^(1/2)) = sum of the square roots of
+    that matrix's eigenvalues.
     """
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
-        raise FidError(f"statistics do not match: mu {mu1.shape}, {mu2.shape}; sigma {sigma1.shape}, {sigma2.shape}")
+        raise FidError(f"statistics do not match: mu {mu1.shape}, {mu2.shape}; "
+                       f"sigma {sigma1.shape}, {sigma2.shape}")
     root1 = sqrtm_psd(sigma1)
     middle = root1 @ sigma2 @ root1
     trace_sqrt_product = np.sqrt(np.linalg.eigvalsh((middle + middle.T) / 2).clip(min=0)).sum()
@@ -452,7 +473,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt_product)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Command line.
 
 def main(argv=None):
@@ -460,7 +481,8 @@ def main(argv=None):
     parser.add_argument("sources", nargs="+", help="two sets (or one with --stats): .npz, image folder, or a "
                                                     "training set: cifar10, mnist, fashion-mnist")
     parser.add_argument("--stats", metavar="OUT.npz", help="write mu and sigma of the one source to OUT.npz")
-    parser.add_argument("--weights", type=Path, help="FID Inception weights file (default: download, see above)")
+    parser.add_argument("--weights", type=Path,
+                        help="FID Inception weights file (default: download, see above)")
     parser.add_argument("--resize", choices=["tf1", "pytorch"], default="tf1",
                         help="tf1: ADM / torch-fidelity numbers (default); pytorch: pytorch-fid numbers")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -481,7 +503,8 @@ def main(argv=None):
         return model
 
     def run():
-        stats = [source_statistics(s, get_model, args.batch_size, args.device, args.data_root) for s in args.sources]
+        stats = [source_statistics(source, get_model, args.batch_size, args.device, args.data_root)
+                 for source in args.sources]
         if args.stats:
             mu, sigma = stats[0]
             np.savez(args.stats, mu=mu, sigma=sigma)
