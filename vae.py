@@ -5,23 +5,26 @@ The paper's ImageNet models never see pixels. Each 256x256 RGB image is compress
 autoencoder into a 4x32x32 latent (8x smaller per side), the generator and discriminator work on latents, and
 samples are decoded back to pixels at the very end:
 
-    image (N, 3, 256, 256) in [-1, 1]  --encode-->  mean, logvar (N, 4, 32, 32)   posterior N(mean, exp(logvar))
+    image (N, 3, 256, 256) in [-1, 1]  --encode-->  mean, logvar (N, 4, 32, 32)
+                                                    (the posterior is N(mean, exp(logvar)))
     latent = 0.18215 * mean            (the scaling factor gives the latents roughly unit variance)
     image  = decode(latent / 0.18215)  (N, 3, 256, 256), roughly in [-1, 1]
 
 The network is a plain convolutional encoder/decoder:
     encoder: conv_in -> 4 down blocks (2 ResNet blocks each, stride-2 conv between them) -> mid block
-             (ResNet, single-head self-attention, ResNet) -> GroupNorm, SiLU, conv_out -> 8 channels (mean, logvar)
+             (ResNet, single-head self-attention, ResNet) -> GroupNorm, SiLU, conv_out -> 8 channels
+             (mean, logvar)
     decoder: the mirror image, with 3 ResNet blocks per up block and nearest-neighbour 2x upsampling.
 Channel widths 128, 256, 512, 512; GroupNorm with 32 groups and eps 1e-6 everywhere; SiLU activations.
 1x1 convs `quant_conv` (8->8) and `post_quant_conv` (4->4) sit between the networks and the latent.
 
 Weights: the paper uses `stabilityai/sd-vae-ft-mse` (https://huggingface.co/stabilityai/sd-vae-ft-mse),
-file `diffusion_pytorch_model.bin` (or `diffusion_pytorch_model.safetensors`, read when the `safetensors` package
-happens to be installed). The authors' repository https://huggingface.co/ByteDance-Seed/Adversarial-Flow-Models also
-ships a VAE under `misc/`. The parameter names here are diffusers' names, so those files load with strict=True.
-Older diffusers files spell the attention weights `query/key/value/proj_attn` (sometimes as 1x1 conv kernels);
-`AutoencoderKL.load_state_dict` translates them to the current `to_q/to_k/to_v/to_out.0`.
+file `diffusion_pytorch_model.bin` (or `diffusion_pytorch_model.safetensors`, read when the `safetensors`
+package happens to be installed). The authors' repository
+https://huggingface.co/ByteDance-Seed/Adversarial-Flow-Models also ships a VAE under `misc/`. The parameter
+names here are diffusers' names, so those files load with strict=True. Older diffusers files spell the
+attention weights `query/key/value/proj_attn` (sometimes as 1x1 conv kernels); `AutoencoderKL.load_state_dict`
+translates them to the current `to_q/to_k/to_v/to_out.0`.
 
     vae = load_vae("diffusion_pytorch_model.bin", "cuda")
     mean, logvar = vae.encode(images)                  # images in [-1, 1]
@@ -31,9 +34,9 @@ One-time latent extraction, so that training never runs the encoder:
 
     python vae.py --weights diffusion_pytorch_model.bin --data-path /data/imagenet/train --out latents.npy
 
-encodes every image of an image folder (root/<class>/<image>), unflipped and horizontally flipped, into ONE `.npy`
-file (np.load(path, mmap_mode="r") reads it without loading it into memory). It holds a numpy structured array of
-N records, one per image, in the order of data.ImageFolder:
+encodes every image of an image folder (root/<class>/<image>), unflipped and horizontally flipped, into ONE
+`.npy` file (np.load(path, mmap_mode="r") reads it without loading it into memory). It holds a numpy
+structured array of N records, one per image, in the order of data.ImageFolder:
 
     dtype [("latent", "<f2", (2, 4, S/8, S/8)), ("label", "<i8")]
     latent[i, 0] = 0.18215 * posterior mean of image i, latent[i, 1] = the same for its horizontal flip
@@ -120,7 +123,8 @@ class Attention(nn.Module):
 
 
 class MidBlock(nn.Module):
-    """ResNet -> attention -> ResNet at the lowest resolution, the only place where distant pixels interact."""
+    """ResNet -> attention -> ResNet at the lowest resolution, the only place where distant pixels
+    interact."""
 
     def __init__(self, channels):
         super().__init__()
@@ -174,7 +178,8 @@ class ResolutionBlock(nn.Module):
 
 class EncoderBlock(ResolutionBlock):
     def __init__(self, in_channels, out_channels, downsample):
-        super().__init__(in_channels, out_channels, LAYERS_PER_BLOCK, downsample and Downsample, "downsamplers")
+        super().__init__(in_channels, out_channels, LAYERS_PER_BLOCK, downsample and Downsample,
+                         "downsamplers")
 
 
 class DecoderBlock(ResolutionBlock):
@@ -215,7 +220,8 @@ class Decoder(nn.Module):
         widths = BLOCK_CHANNELS[::-1]  # 512, 512, 256, 128
         self.conv_in = nn.Conv2d(LATENT_CHANNELS, widths[0], 3, padding=1)
         self.up_blocks = nn.ModuleList(
-            [DecoderBlock(widths[max(i - 1, 0)], widths[i], upsample=i < len(widths) - 1) for i in range(len(widths))]
+            [DecoderBlock(widths[max(i - 1, 0)], widths[i], upsample=i < len(widths) - 1)
+             for i in range(len(widths))]
         )
         self.mid_block = MidBlock(widths[0])
         self.conv_norm_out = group_norm(widths[-1])
@@ -236,8 +242,8 @@ LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj
 def convert_legacy_keys(state_dict):
     """Rename `...attentions.0.{query,key,value,proj_attn}.*` to `...{to_q,to_k,to_v,to_out.0}.*`.
 
-    Some old files store these projections as 1x1 conv kernels (C, C, 1, 1); they become (C, C) linear weights.
-    Keys in the current spelling pass through unchanged.
+    Some old files store these projections as 1x1 conv kernels (C, C, 1, 1); they become (C, C) linear
+    weights. Keys in the current spelling pass through unchanged.
     """
     converted = {}
     for name, tensor in state_dict.items():
@@ -281,19 +287,22 @@ class AutoencoderKL(nn.Module):
 
 
 def check_state_dict(expected, got):
-    """Raise VAEError naming the first key that is missing or wrongly shaped in `got`, or else unexpected in it."""
+    """Raise VAEError naming the first key that is missing or wrongly shaped in `got`, or else unexpected in
+    it."""
     mismatch = checkpoint.first_mismatch(expected, got)
     if mismatch is not None:
-        raise VAEError(f"{mismatch} (expected a diffusers AutoencoderKL state dict of stabilityai/sd-vae-ft-mse)")
+        raise VAEError(f"{mismatch} (expected a diffusers AutoencoderKL state dict of "
+                       f"stabilityai/sd-vae-ft-mse)")
 
 
 def load_vae(path, device="cpu"):
-    """Read a diffusers VAE weights file (.bin/.pth/.pt, or .safetensors) into an AutoencoderKL in eval mode."""
+    """Read a diffusers VAE weights file (.bin/.pth/.pt, or .safetensors) into an AutoencoderKL in eval
+    mode."""
     if not os.path.isfile(path):
         raise VAEError(f"VAE weights file not found: {path} (download diffusion_pytorch_model.bin from "
                        "https://huggingface.co/stabilityai/sd-vae-ft-mse)")
     if path.endswith(".safetensors"):
-        try:
+        try:  # optional package: only .safetensors files need it
             from safetensors.torch import load_file
         except ImportError:
             raise VAEError(
@@ -349,7 +358,8 @@ def encode_latents(autoencoder, images):
 
 @dataclasses.dataclass
 class TrainingData:
-    """What the networks of train.py and classifier.py train on: the resumable loader, and next_batch() -> (x, y) as the networks see them."""
+    """What the networks of train.py and classifier.py train on: the resumable loader, and
+    next_batch() -> (x, y) as the networks see them."""
     loader: data.Loader
     next_batch: object
     size: int             # training samples
@@ -366,12 +376,13 @@ class TrainingData:
 
 
 def open_data(args, rank, world_size, device, flip=True, decoder=False):
-    """The --data source as batches of --batch-size / world_size per rank. Rank 0 reads (or downloads) it first.
-    An ImageNet image folder is encoded on the fly into SD-VAE latents; decoder=True also loads --vae to decode
-    latents that were extracted beforehand."""
+    """The --data source as batches of --batch-size / world_size per rank. Rank 0 reads (or downloads) it
+    first. An ImageNet image folder is encoded on the fly into SD-VAE latents; decoder=True also loads --vae
+    to decode latents that were extracted beforehand."""
     if world_size > 1 and rank > 0:
         dist.barrier()  # rank 0 first, so that only it downloads
-    dataset, num_classes, in_channels, input_size = data.make_dataset(args.data, args.data_path, args.image_size)
+    dataset, num_classes, in_channels, input_size = data.make_dataset(args.data, args.data_path,
+                                                                      args.image_size)
     if world_size > 1 and rank == 0:
         dist.barrier()
     encode = args.data == "imagenet" and in_channels == 3
@@ -382,8 +393,8 @@ def open_data(args, rank, world_size, device, flip=True, decoder=False):
     autoencoder = load_vae(args.vae, device).requires_grad_(False) if wanted else None
     if encode:
         in_channels, input_size = 4, input_size // 8
-    loader = data.Loader(dataset, args.batch_size // world_size, rank=rank, world_size=world_size, seed=args.seed,
-                         num_workers=args.num_workers, device=device, flip=flip)
+    loader = data.Loader(dataset, args.batch_size // world_size, rank=rank, world_size=world_size,
+                         seed=args.seed, num_workers=args.num_workers, device=device, flip=flip)
 
     def next_batch():
         x, y = next(loader)
@@ -395,8 +406,8 @@ def open_data(args, rank, world_size, device, flip=True, decoder=False):
 def extract_latents(weights, data_path, out, image_size=256, batch_size=64, device=None, workers=4):
     """Encode every image of `data_path` (root/<class>/<image>) with both flips into the .npy file `out`.
 
-    The file format is described in the module docstring. It is written to `out + ".tmp"` and renamed at the end,
-    so `out` is either absent or complete.
+    The file format is described in the module docstring. It is written to `out + ".tmp"` and renamed at the
+    end, so `out` is either absent or complete.
     """
     if image_size % 8:
         raise VAEError(f"--image-size must be a multiple of 8, got {image_size}")
@@ -441,18 +452,24 @@ def extract_latents(weights, data_path, out, image_size=256, batch_size=64, devi
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Encode an image folder into sd-vae-ft-mse latents (both flips).")
-    parser.add_argument("--weights", required=True, help="diffusers VAE weights, e.g. diffusion_pytorch_model.bin")
-    parser.add_argument("--data-path", required=True, help="image folder root/<class>/<image>, e.g. ImageNet train")
+    parser = argparse.ArgumentParser(
+        description="Encode an image folder into sd-vae-ft-mse latents (both flips).")
+    parser.add_argument("--weights", required=True,
+                        help="diffusers VAE weights, e.g. diffusion_pytorch_model.bin")
+    parser.add_argument("--data-path", required=True,
+                        help="image folder root/<class>/<image>, e.g. ImageNet train")
     parser.add_argument("--out", required=True, help="output .npy file")
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available)")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loader processes")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="data loader processes")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
-    extract = lambda: extract_latents(args.weights, args.data_path, args.out, args.image_size, args.batch_size,
-                                      args.device, args.workers)
+    def extract():
+        return extract_latents(args.weights, args.data_path, args.out, args.image_size, args.batch_size,
+                               args.device, args.workers)
+
     return runtime.run(extract, args.debug, {Exception: 2})
 
 
