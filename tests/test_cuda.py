@@ -1,20 +1,25 @@
-"""The CUDA path: what `torchrun train.py --model XL/2` runs on a GPU, checked against the CPU path and the fixtures.
+"""The CUDA path: what `torchrun train.py --model XL/2` runs on a GPU, checked against the CPU
+path and the fixtures.
 
-Skipped as a whole without CUDA; part of the normal suite where CUDA is there. tools/gpu_check.sh runs it first.
+Skipped as a whole without CUDA; part of the normal suite where CUDA is there. tools/gpu_check.sh
+runs it first.
 
     parity      the authors' reference outputs (tests/data/afm_reference.pt, loaded by conftest's load_case as
                 tests/test_model.py and tests/test_sample.py do) on CUDA, in fp32, TF32 and bf16 autocast; the
-                VAE against diffusers' outputs (tests/data/vae_reference.pt), in fp32 and train.py's bf16 encode
-    train_step  1-NFE, 2-NFE and any-step, in fp32, TF32 and bf16: finite losses, and the same parameters move,
-                the gradnorm buffer fills and the EMA follows G as in the same step on the CPU
+                VAE against diffusers' outputs (tests/data/vae_reference.pt), in fp32 and
+                train.py's bf16 encode
+    train_step  1-NFE, 2-NFE and any-step, in fp32, TF32 and bf16: finite losses, and the same parameters
+                move, the gradnorm buffer fills and the EMA follows G as in the same step on the CPU
     --compile   compiled steps equal eager steps within tolerance; no graph breaks, a bounded number of
                 compiled frames, no recompilation after warm-up (the requires_grad toggling of D included)
     DDP         world size 1 over NCCL through train.setup_distributed / train.build_nets, eager and compiled:
                 the NCCL all-reduce in the gradnorm backward and DDP's gradient hooks; steps equal plain steps
     loader      data.Loader's pinned, non-blocking copies deliver the bytes the CPU loader delivers
-    end to end  train.py (--compile, bf16, a VAE encoding on the fly) for a few steps, --resume, sample.py --npz
+    end to end  train.py (--compile, bf16, a VAE encoding on the fly) for a few steps, --resume,
+                sample.py --npz
 
-Tolerances are on rel_err = max |out - ref| / max |ref| (tests/test_model.py), each justified where it is defined.
+Tolerances are on rel_err = max |out - ref| / max |ref| (tests/test_model.py), each justified
+where it is defined.
 """
 
 import json
@@ -29,6 +34,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch._dynamo
+from PIL import Image
 from torch._dynamo.utils import counters
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -48,13 +54,15 @@ CUDA = torch.device("cuda")
 CPU = torch.device("cpu")
 
 # Reference parity tolerances (rel_err). The CPU tests hold fp32 to 2e-5.
-# fp32: 1e-4. With TF32 off (train.set_precision("fp32") turns off cuBLAS' and cuDNN's), CUDA differs from the CPU
-#   only in summation order (cuBLAS tiling, the memory-efficient attention kernel's online softmax): a few fp32
-#   roundings, ~1e-6 here; 5x the CPU bound leaves room for split-K reductions without hiding a wrong kernel.
-# tf32: 2e-2. TF32 rounds matmul inputs to 10 mantissa bits (bf16 has 7), outputs stay fp32. bf16 autocast on the
-#   CPU measured at most 3.6e-2 on these cases (the discriminator, 7e-3 elsewhere); TF32's unit roundoff is 8x
-#   smaller, so ~5e-3 is expected: 2e-2 keeps a 4x margin, and a wrong result is O(1).
-# bf16: 1e-1, ~3x the 3.6e-2 measured with bf16 autocast on the CPU (CUDA's flash kernels round the same inputs).
+# fp32: 1e-4. With TF32 off (train.set_precision("fp32") turns off cuBLAS' and cuDNN's), CUDA differs from
+#   the CPU only in summation order (cuBLAS tiling, the memory-efficient attention kernel's online
+#   softmax): a few fp32 roundings, ~1e-6 here; 5x the CPU bound leaves room for split-K reductions without
+#   hiding a wrong kernel.
+# tf32: 2e-2. TF32 rounds matmul inputs to 10 mantissa bits (bf16 has 7), outputs stay fp32. bf16 autocast on
+#   the CPU measured at most 3.6e-2 on these cases (the discriminator, 7e-3 elsewhere); TF32's unit roundoff
+#   is 8x smaller, so ~5e-3 is expected: 2e-2 keeps a 4x margin, and a wrong result is O(1).
+# bf16: 1e-1, ~3x the 3.6e-2 measured with bf16 autocast on the CPU (CUDA's flash kernels round
+# the same inputs).
 PARITY_TOL = {"fp32": 1e-4, "tf32": 2e-2, "bf16": 1e-1}
 # The VAE (~30 convolutions): fp32 on the CPU is 4e-6 from diffusers; 1e-4 allows cuDNN's algorithms 25x that.
 # bf16 autocast on the CPU measured 1.7e-2 on the mean and logvar: 5e-2 is 3x that.
@@ -66,10 +74,10 @@ SAMPLE_CASES = [("multi_v_nfe4", "gen_multi", 4, "v"), ("multi_v_nfe2", "gen_mul
 # Training-step tests: T/2 on 4 x 16 x 16 latents (64 tokens), batch 8, 10 classes.
 MODEL, CHANNELS, SIZE, BATCH, CLASSES = "T/2", 4, 16, 8, 10
 # Compiled or DDP steps vs eager steps, same weights and same random stream (the noise is drawn outside the
-# compiled modules). fp32 kernels that fuse and reorder reductions differ by ~1e-6 relative per op; AdamW's first
-# steps (beta1 = 0) move each weight by ~lr * sign(grad), so a weight whose gradient is within rounding of 0 may
-# step the other way. Losses: rel 1e-3 over 4 steps. Weights: how far the two runs end apart, over how far they
-# moved, below 0.05 (a wrong gradient or a missed update gives O(1)).
+# compiled modules). fp32 kernels that fuse and reorder reductions differ by ~1e-6 relative per op; AdamW's
+# first steps (beta1 = 0) move each weight by ~lr * sign(grad), so a weight whose gradient is within rounding
+# of 0 may step the other way. Losses: rel 1e-3 over 4 steps. Weights: how far the two runs end apart, over
+# how far they moved, below 0.05 (a wrong gradient or a missed update gives O(1)).
 STEP_LOSS_RTOL, UPDATE_RATIO = 1e-3, 0.05
 # One step calls 5 distinct (module, grad mode, D frozen, batch size) signatures: G under no_grad (D update),
 # G with grad (G update), D trainable on 2B + 2k samples, D frozen under no_grad and D frozen with grad on B.
@@ -91,7 +99,7 @@ def precision():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Parity with the references
 
 
@@ -112,8 +120,8 @@ def test_sampler_matches_reference(name, case, nfe, pred, mode, afm_ref, load_ca
     autocast = precision(mode)
     ref = afm_ref["sample"]
     with autocast():
-        out = sample_mod.sample(load_case(case).to(CUDA), ref["noise"].to(CUDA), ref["labels"].to(CUDA), nfe=nfe,
-                                pred=pred)
+        out = sample_mod.sample(load_case(case).to(CUDA), ref["noise"].to(CUDA), ref["labels"].to(CUDA),
+                                nfe=nfe, pred=pred)
     assert out.device.type == "cuda" and not out.requires_grad
     assert rel_err(out.float().cpu(), ref[name]) < PARITY_TOL[mode]
 
@@ -138,7 +146,8 @@ def test_vae_fp32_matches_diffusers(vae_reference, precision):
 
 def test_bf16_encode_matches_diffusers(vae_reference, precision):
     """vae.encode_latents, the on-the-fly encoding of train.py: bf16 autocast on CUDA, fp32 latents out. The
-    posterior noise is drawn again from the same seed to build the expected sample from diffusers' mean/logvar."""
+    posterior noise is drawn again from the same seed to build the expected sample from diffusers'
+    mean/logvar."""
     reference, autoencoder = vae_reference
     precision("tf32")
     torch.manual_seed(3)
@@ -150,7 +159,7 @@ def test_bf16_encode_matches_diffusers(vae_reference, precision):
     assert rel_err(latents.cpu(), expected) < VAE_TOL["bf16"]
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Training steps
 
 
@@ -161,11 +170,13 @@ def make_nets(device, nfe="1", mode="fp32", compile=False, distributed=False):
     args = train.parse_args(argv + (["--compile"] if compile else []))
     generator_kwargs, discriminator_kwargs = train.network_kwargs(args, CHANNELS, SIZE, CLASSES)
     torch.manual_seed(0)
-    return args, train.build_nets(args, generator_kwargs, discriminator_kwargs, device, distributed=distributed)
+    return args, train.build_nets(args, generator_kwargs, discriminator_kwargs, device,
+                                  distributed=distributed)
 
 
 def batches(step, device):
-    """The four tensors of one train_step, the same on every device: (B, 4, 16, 16) data and (B,) labels, twice."""
+    """The four tensors of one train_step, the same on every device: (B, 4, 16, 16) data and (B,)
+    labels, twice."""
     gen = torch.Generator().manual_seed(1000 + step)
     x_d, x_g = (torch.randn(BATCH, CHANNELS, SIZE, SIZE, generator=gen) for _ in range(2))
     y_d, y_g = (torch.randint(CLASSES, (BATCH,), generator=gen) for _ in range(2))
@@ -177,24 +188,25 @@ def snapshot(module):
 
 
 def moved(before, module, lr):
-    """Parameters that took an optimizer step: AdamW's first step moves a weight with a non-zero gradient by about
-    lr (beta1 = 0: lr * g / |g|); weight decay alone moves it by lr * 0.01 * |w|. Zero-initialised gates (adaLN-Zero)
-    leave whole tensors without gradient in the first step, which is what makes this set informative."""
+    """Parameters that took an optimizer step: AdamW's first step moves a weight with a non-zero gradient
+    by about lr (beta1 = 0: lr * g / |g|); weight decay alone moves it by lr * 0.01 * |w|.
+    Zero-initialised gates (adaLN-Zero) leave whole tensors without gradient in the first step, which is
+    what makes this set informative."""
     after = snapshot(module)
     return {name for name in before if (after[name] - before[name]).abs().max() > lr / 2}
 
 
 def one_step(device, nfe, mode):
-    """One train_step from the shared initial weights -> (metrics, ok, G moved, D moved, gradnorm buffer, nets,
-    G before, EMA before, args)."""
+    """One train_step from the shared initial weights -> (metrics, ok, G moved, D moved, gradnorm buffer,
+    nets, G before, EMA before, args)."""
     args, nets = make_nets(device, nfe, mode)
     autocast = train.set_precision(mode, device)
     g_before, d_before, ema_before = snapshot(nets.G), snapshot(nets.D), snapshot(nets.ema)
     torch.manual_seed(7)
     metrics, ok = train.train_step(nets, args, *batches(0, device), 0.2, autocast)
     return dict(metrics=metrics, ok=ok, g_moved=moved(g_before, nets.G, args.g_lr),
-                d_moved=moved(d_before, nets.D, args.lr), square_avg=nets.gradnorm.square_avg.item(), nets=nets,
-                g_before=g_before, ema_before=ema_before, args=args)
+                d_moved=moved(d_before, nets.D, args.lr), square_avg=nets.gradnorm.square_avg.item(),
+                nets=nets, g_before=g_before, ema_before=ema_before, args=args)
 
 
 @pytest.fixture(scope="module")
@@ -216,8 +228,9 @@ def test_train_step_on_cuda_moves_what_the_cpu_moves(nfe, mode, cpu_steps, preci
     for name, value in gpu["metrics"].items():
         assert value.device.type == "cuda" and torch.isfinite(value).all(), name
     assert set(gpu["metrics"]) == set(cpu["metrics"])
-    # The same tensors receive gradient steps as on the CPU: both updates ran, D frozen in the G update did not
-    # leak, and the set is not trivial (the adaLN-Zero gates keep most block weights still in the first step).
+    # The same tensors receive gradient steps as on the CPU: both updates ran, D frozen in the G
+    # update did not leak, and the set is not trivial (the adaLN-Zero gates keep most block weights
+    # still in the first step).
     assert gpu["g_moved"] == cpu["g_moved"] and gpu["d_moved"] == cpu["d_moved"]
     assert gpu["g_moved"] and gpu["d_moved"]
     assert "pos_embed" not in gpu["d_moved"]  # fixed positions
@@ -228,7 +241,8 @@ def test_train_step_on_cuda_moves_what_the_cpu_moves(nfe, mode, cpu_steps, preci
     # The EMA took its step toward G: ema = before + (1 - decay) (G - before), as the fused lerp computes it.
     decay = gpu["args"].ema_decay
     for name, p in nets.ema.named_parameters():
-        expected = gpu["ema_before"][name].lerp(dict(nets.G.named_parameters())[name].detach().cpu(), 1 - decay)
+        trained = dict(nets.G.named_parameters())[name].detach().cpu()
+        expected = gpu["ema_before"][name].lerp(trained, 1 - decay)
         torch.testing.assert_close(p.detach().cpu(), expected, rtol=1e-6, atol=1e-7)  # fp32 rounding only
 
 
@@ -252,7 +266,8 @@ def assert_same_training(eager, other, eager_losses, other_losses, initial):
         travelled = torch.cat([(a[k] - start[k]).flatten() for k in a]).norm()
         apart = torch.cat([(a[k] - b[k]).flatten() for k in a]).norm()
         assert travelled > 0 and apart / travelled < UPDATE_RATIO, (net, apart.item(), travelled.item())
-    assert other.gradnorm.square_avg.item() == pytest.approx(eager.gradnorm.square_avg.item(), rel=STEP_LOSS_RTOL)
+    assert other.gradnorm.square_avg.item() == pytest.approx(eager.gradnorm.square_avg.item(),
+                                                             rel=STEP_LOSS_RTOL)
 
 
 @pytest.fixture
@@ -308,15 +323,16 @@ def one_rank(monkeypatch):
 
 @pytest.mark.parametrize("compile", [False, True])
 def test_ddp_one_gpu_matches_plain_steps(compile, one_rank, precision, fresh_dynamo):
-    """Under torchrun with one GPU: DDP(G) and DDP(D) from train.build_nets, averaged gradients (a no-op for one
-    rank, so the steps equal plain steps), and gradnorm's all-reduce in the backward, over NCCL."""
+    """Under torchrun with one GPU: DDP(G) and DDP(D) from train.build_nets, averaged gradients (a no-op for
+    one rank, so the steps equal plain steps), and gradnorm's all-reduce in the backward, over NCCL."""
     autocast = precision("fp32")
     args, plain = make_nets(CUDA)
     _, wrapped = make_nets(one_rank, compile=compile, distributed=True)
     for train_wrapper in (wrapped.G_train, wrapped.D_train):
         inner = getattr(train_wrapper, "_orig_mod", train_wrapper)
         assert isinstance(inner, DDP)
-    assert not isinstance(getattr(wrapped.D_frozen, "_orig_mod", wrapped.D_frozen), DDP)  # no sync when frozen
+    # no sync when frozen
+    assert not isinstance(getattr(wrapped.D_frozen, "_orig_mod", wrapped.D_frozen), DDP)
     initial = {net: snapshot(getattr(plain, net)) for net in ("G", "D", "ema")}
     plain_losses = run_steps(plain, args, 4, autocast)
     wrapped_losses = run_steps(wrapped, args, 2, autocast)
@@ -327,7 +343,7 @@ def test_ddp_one_gpu_matches_plain_steps(compile, one_rank, precision, fresh_dyn
     assert_same_training(plain, wrapped, plain_losses, wrapped_losses, initial)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Data loading and the command lines
 
 
@@ -346,7 +362,6 @@ def test_loader_pinned_copies_deliver_the_cpu_batches(tmp_path):
 
 def write_images(root, count=16, classes=2, size=256):
     """An image folder at ImageNet's size, for `--data imagenet` with an on-the-fly VAE."""
-    from PIL import Image
     rng = np.random.default_rng(0)
     for i in range(count):
         folder = root / f"class{i % classes}"
@@ -356,23 +371,25 @@ def write_images(root, count=16, classes=2, size=256):
 
 
 def run_cli(*argv, cwd):
-    result = subprocess.run([sys.executable, *map(str, argv)], cwd=cwd, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, *map(str, argv)], cwd=cwd, capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
 
 def test_train_compiled_bf16_resume_then_sample_npz(tmp_path):
-    """train.py as a user runs it on a GPU: compiled G and D in bf16, 256 px images encoded by a VAE in bf16 on
-    the fly (seeded random weights: the pipeline, not the pictures), 3 steps, --resume to 5, then sample.py --npz
-    on CUDA decoding with the same VAE."""
+    """train.py as a user runs it on a GPU: compiled G and D in bf16, 256 px images encoded by a VAE in bf16
+    on the fly (seeded random weights: the pipeline, not the pictures), 3 steps, --resume to 5, then sample.py
+    --npz on CUDA decoding with the same VAE."""
     images = write_images(tmp_path / "images")
     reference = torch.load(VAE_REFERENCE, weights_only=True)
     vae_path = tmp_path / "vae.bin"
     torch.save(seeded_state_dict(reference["keys_shapes"], reference["seed"]), vae_path)
     out = tmp_path / "out"
-    common = ["--data", "imagenet", "--data-path", images, "--vae", vae_path, "--model", MODEL, "--batch-size", "4",
-              "--num-workers", "1", "--compile", "--precision", "bf16", "--log-every", "1", "--ckpt-every", "3",
-              "--sample-every", "1000", "--out-dir", out, "--device", "cuda"]
+    common = ["--data", "imagenet", "--data-path", images, "--vae", vae_path, "--model", MODEL,
+              "--batch-size", "4", "--num-workers", "1", "--compile", "--precision", "bf16",
+              "--log-every", "1", "--ckpt-every", "3", "--sample-every", "1000", "--out-dir", out,
+              "--device", "cuda"]
     run_cli(ROOT / "train.py", *common, "--max-steps", "3", cwd=tmp_path)
     assert checkpoint.load(str(out / "ckpt.pt"))["step"] == 3
     run_cli(ROOT / "train.py", *common, "--max-steps", "5", "--resume", cwd=tmp_path)
@@ -386,7 +403,8 @@ def test_train_compiled_bf16_resume_then_sample_npz(tmp_path):
     assert state["gradnorm"]["square_avg"] > 0
     records = [json.loads(line) for line in open(out / "log.jsonl") if "d_loss" in line]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5]  # the resumed run continued at step 4
-    assert all(np.isfinite(r[key]) for r in records for key in ("d_loss", "g_loss", "g_grad_norm", "d_grad_norm"))
+    assert all(np.isfinite(r[key]) for r in records
+               for key in ("d_loss", "g_loss", "g_grad_norm", "d_grad_norm"))
     assert (out / "samples_00000005.png").exists()  # the final grid, decoded by the VAE
 
     run_cli(ROOT / "sample.py", "--ckpt", out / "ckpt.pt", "--vae", vae_path, "--npz", tmp_path / "s.npz",

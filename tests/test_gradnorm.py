@@ -1,5 +1,6 @@
 """gradnorm.py: identity forward, normalized backward (paper eq. 23), the authors' numbers, state, and DDP."""
 
+import datetime
 import math
 import socket
 
@@ -65,7 +66,8 @@ def test_square_avg_is_a_buffer_that_round_trips():
 @pytest.mark.parametrize("shape", [(4, 5), (2, 3, 8, 8)])
 def test_first_and_second_step_scale(target_scale, shape):
     """EMA from zero, no bias correction: step 1 stores a1 = (1 - beta) ||g||^2 n, so the output gradient is
-    g T / sqrt(a1), whose norm is T / sqrt((1 - beta) n) whatever the scale of g (RMS T / (sqrt(1 - beta) n))."""
+    g T / sqrt(a1), whose norm is T / sqrt((1 - beta) n) whatever the scale of g (RMS
+    T / (sqrt(1 - beta) n))."""
     beta = 0.9
     n = math.prod(shape)
     torch.manual_seed(0)
@@ -77,7 +79,8 @@ def test_first_and_second_step_scale(target_scale, shape):
         a1 = (1 - beta) * (scale * w1).square().sum().item() * n
         assert math.isclose(gn.square_avg.item(), a1, rel_tol=1e-5)
         assert math.isclose(g1.norm().item(), target_scale / math.sqrt((1 - beta) * n), rel_tol=1e-5)
-        assert math.isclose(g1.square().mean().sqrt().item(), target_scale / (math.sqrt(1 - beta) * n), rel_tol=1e-5)
+        assert math.isclose(g1.square().mean().sqrt().item(), target_scale / (math.sqrt(1 - beta) * n),
+                            rel_tol=1e-5)
         assert torch.allclose(g1, w1 * (g1.norm() / w1.norm()), rtol=1e-5, atol=1e-9)  # direction kept
         norms.append(g1.norm().item())
         # Step 2: a2 = beta a1 + (1 - beta) ||g2||^2 n, g2 <- g2 T / sqrt(a2).
@@ -95,7 +98,7 @@ def test_zero_gradient_is_safe():
     assert gn.square_avg.item() == 0
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # DDP: the squared norm is averaged over ranks before the EMA
 
 
@@ -110,8 +113,6 @@ def _rank_gradient(rank, step):
 
 
 def _ddp_worker(rank, world_size, port, out_dir):
-    import datetime
-
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=60))
@@ -126,7 +127,8 @@ def _ddp_worker(rank, world_size, port, out_dir):
         dist.destroy_process_group()
 
 
-@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed gloo")
+@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                    reason="needs torch.distributed gloo")
 def test_ddp_all_reduce(tmp_path):
     world = 2
     mp.spawn(_ddp_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)

@@ -1,4 +1,5 @@
-"""The paper's full recipe: flow-based classifier guidance, EMA and D reloads, and the Table-11 phase presets."""
+"""The paper's full recipe: flow-based classifier guidance, EMA and D reloads, and the Table-11
+phase presets."""
 
 import json
 
@@ -8,22 +9,26 @@ import torch
 import torch.nn.functional as F
 
 import checkpoint
+import classifier as classifier_file  # the tests' frozen classifiers take the plain name
 import data
 import losses
 import recipe
+import sample
 import train
 from model import Classifier, Generator
 from synthetic import make_images, write_cifar_archive
 
 TINY = dict(input_size=8, patch_size=4, in_channels=3, hidden_size=32, depth=1, num_heads=2, num_classes=10)
-FAST = ["--model", "T/4", "--batch-size", "8", "--num-workers", "0", "--log-every", "1", "--sample-every", "1000"]
+FAST = ["--model", "T/4", "--batch-size", "8", "--num-workers", "0", "--log-every", "1",
+        "--sample-every", "1000"]
 
 
 @pytest.fixture
 def cifar(tmp_path_factory, monkeypatch):
     root = tmp_path_factory.mktemp("cifar")
     images, labels = make_images(per_class=4)
-    monkeypatch.setattr(data, "CIFAR10_MD5", write_cifar_archive(root / "cifar-10-python.tar.gz", images, labels))
+    md5 = write_cifar_archive(root / "cifar-10-python.tar.gz", images, labels)
+    monkeypatch.setattr(data, "CIFAR10_MD5", md5)
     return str(root)
 
 
@@ -80,9 +85,9 @@ def test_guidance_time_is_drawn_inside_the_range():
 
 def test_multistep_guidance_only_on_the_chosen_target_times(tmp_path, monkeypatch):
     classifier = frozen_classifier()
-    import classifier as classifier_file
     monkeypatch.setattr(classifier_file, "load_classifier", lambda path, device: classifier)
-    args = train.parse_args(["--nfe", "4", "--classifier", "c.pt", "--cg-scale", "0.02", "--cg-target-times", "0"])
+    args = train.parse_args(["--nfe", "4", "--classifier", "c.pt", "--cg-scale", "0.02",
+                             "--cg-target-times", "0"])
     guidance = recipe.make_guidance(args, torch.device("cpu"))
     fake, y = torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))
     t = torch.tensor([0.0, 0.25, 0.5, 0.0])
@@ -109,10 +114,9 @@ def test_multistep_guidance_target_times_default_to_table_11_and_are_checked():
 def test_any_step_guidance_applies_at_every_target_time(monkeypatch):
     """--nfe any draws t ~ U(0, s): no two samples share a target time, so eq. 38 applies to every sample."""
     classifier = frozen_classifier()
-    import classifier as classifier_file
     monkeypatch.setattr(classifier_file, "load_classifier", lambda path, device: classifier)
-    guidance = recipe.make_guidance(train.parse_args(["--nfe", "any", "--classifier", "c.pt", "--cg-scale", "0.02"]),
-                                    torch.device("cpu"))
+    args = train.parse_args(["--nfe", "any", "--classifier", "c.pt", "--cg-scale", "0.02"])
+    guidance = recipe.make_guidance(args, torch.device("cpu"))
     fake, y, t = torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,)), torch.tensor([0.0, 0.13, 0.5, 0.91])
     assert torch.allclose(guidance(fake, y, t), 0.02 * F.cross_entropy(classifier(fake, t), y))
 
@@ -121,10 +125,12 @@ def test_phases_set_table_11_for_xl2_1nfe():
     expected = {  # Table 11, XL/2 1-NFE rows: lambda_ot, learning rate, reloads, guidance
         1: dict(ot_start=0.2, ot_end=0.005, lr=1e-4, ema_reload_every=0, d_reload_on_stall=0, cg_scale=0.0,
                 augment_p=0.0),
-        2: dict(ot_start=0.001, ot_end=0.001, lr=8e-5, ema_reload_every=5000, d_reload_on_stall=0, cg_scale=0.0),
-        3: dict(ot_start=0.001, ot_end=0.001, lr=3e-5, ema_reload_every=5000, d_reload_on_stall=3, cg_scale=0.0),
-        4: dict(ot_start=0.001, ot_end=0.001, lr=5e-5, ema_reload_every=5000, d_reload_on_stall=3, cg_scale=0.003,
-                cg_t="0,0.1", augment_p=0.4),
+        2: dict(ot_start=0.001, ot_end=0.001, lr=8e-5, ema_reload_every=5000, d_reload_on_stall=0,
+                cg_scale=0.0),
+        3: dict(ot_start=0.001, ot_end=0.001, lr=3e-5, ema_reload_every=5000, d_reload_on_stall=3,
+                cg_scale=0.0),
+        4: dict(ot_start=0.001, ot_end=0.001, lr=5e-5, ema_reload_every=5000, d_reload_on_stall=3,
+                cg_scale=0.003, cg_t="0,0.1", augment_p=0.4),
     }
     for phase, values in expected.items():
         args = train.parse_args(["--data", "imagenet", "--model", "XL/2", "--phase", str(phase)])
@@ -149,8 +155,8 @@ def test_explicit_flags_override_the_phase():
 
 def test_ema_reload_makes_g_equal_to_the_ema(cifar, tmp_path):
     out = tmp_path / "out"
-    train.main(["--data", "cifar10", "--data-path", cifar, "--out-dir", str(out), "--max-steps", "3", "--ema-reload-every", "3",
-                "--ema-decay", "0.5", *FAST])
+    train.main(["--data", "cifar10", "--data-path", cifar, "--out-dir", str(out), "--max-steps", "3",
+                "--ema-reload-every", "3", "--ema-decay", "0.5", *FAST])
     state = checkpoint.load(out / "ckpt.pt")
     assert all(torch.equal(state["G"][k], state["ema"][k]) for k in state["G"])
     events = [json.loads(line) for line in open(out / "log.jsonl") if "event" in line]
@@ -166,8 +172,8 @@ def test_d_reload_on_stall_restores_the_kept_d(cifar, tmp_path, monkeypatch):
     reference = tmp_path / "ref.npz"
     np.savez(reference, mu=np.zeros(3), sigma=np.eye(3))
     out = tmp_path / "out"
-    train.main(["--data", "cifar10", "--data-path", cifar, "--out-dir", str(out), "--max-steps", "4", "--fid-every", "1",
-                "--fid-ref", str(reference), "--d-reload-on-stall", "2", *FAST])
+    train.main(["--data", "cifar10", "--data-path", cifar, "--out-dir", str(out), "--max-steps", "4",
+                "--fid-every", "1", "--fid-ref", str(reference), "--d-reload-on-stall", "2", *FAST])
     best, last = checkpoint.load(out / "best.pt"), checkpoint.load(out / "ckpt.pt")
     assert best["step"] == 2 and last["step"] == 4
     assert all(torch.equal(best["D"][k], last["D"][k]) for k in best["D"])
@@ -179,29 +185,30 @@ def test_d_reload_on_stall_restores_the_kept_d(cifar, tmp_path, monkeypatch):
 
 def test_stall_reload_without_fid_is_refused(cifar, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        train.main(["--data", "cifar10", "--data-path", cifar, "--out-dir", str(tmp_path), "--phase", "3", "--max-steps", "1", *FAST])
+        train.main(["--data", "cifar10", "--data-path", cifar, "--out-dir", str(tmp_path), "--phase", "3",
+                    "--max-steps", "1", *FAST])
     assert exit_info.value.code == 2
     assert "--fid-every" in capsys.readouterr().err
 
 
 def test_the_four_phases_in_sequence_end_with_a_checkpoint_sample_py_reads(cifar, tmp_path, monkeypatch):
-    """Phases 1 to 4, each --init-from the previous one, on small generated data; phase 4 guides with a classifier
-    trained by classifier.py. The in-loop FID (which phases 3 and 4 watch for D reloads) is scripted."""
-    import classifier
-    import sample
+    """Phases 1 to 4, each --init-from the previous one, on small generated data; phase 4 guides
+    with a classifier trained by classifier.py. The in-loop FID (which phases 3 and 4 watch for D
+    reloads) is scripted."""
     scores = iter([3.0, 2.0, 2.5, 1.0, 1.5, 1.8])
     monkeypatch.setattr(recipe, "in_loop_fid", lambda *args: next(scores))
     monkeypatch.setattr(recipe.fid, "load_inception", lambda *args, **kwargs: None)
     reference = tmp_path / "ref.npz"
     np.savez(reference, mu=np.zeros(3), sigma=np.eye(3))
     fid_flags = ["--fid-every", "1", "--fid-ref", str(reference)]
-    classifier.main(["--data", "cifar10", "--data-path", cifar, "--out-dir", str(tmp_path / "cls"), "--max-steps", "2",
-                     *FAST[:FAST.index("--sample-every")]])  # the GAN's flags without the sample grid
+    # the GAN's flags without the sample grid
+    classifier_file.main(["--data", "cifar10", "--data-path", cifar, "--out-dir", str(tmp_path / "cls"),
+                          "--max-steps", "2", *FAST[:FAST.index("--sample-every")]])
     previous = None
     for phase in (1, 2, 3, 4):
         out = tmp_path / f"p{phase}"
-        flags = ["--phase", str(phase), "--data", "cifar10", "--data-path", cifar, "--out-dir", str(out), "--max-steps", "2",
-                 "--ema-reload-every", "2", *FAST]
+        flags = ["--phase", str(phase), "--data", "cifar10", "--data-path", cifar, "--out-dir", str(out),
+                 "--max-steps", "2", "--ema-reload-every", "2", *FAST]
         flags += ["--init-from", str(previous)] if previous else []
         flags += fid_flags if phase >= 3 else []
         flags += ["--classifier", str(tmp_path / "cls" / "classifier.pt")] if phase == 4 else []

@@ -1,10 +1,11 @@
-"""sample.py as a user runs it: grids, command-line errors, ADM-format .npz, the torchrun split, the authors' bare
-generator files, and --vae.
+"""sample.py as a user runs it: grids, command-line errors, ADM-format .npz, the torchrun split, the authors'
+bare generator files, and --vae.
 
 Tiny models throughout (8x8 pixels, one block of width 32), with random non-zero weights: a real generator is
-zero-initialised and would draw the same flat image for every noise and class. A few tests run `python sample.py`
-(and torchrun) as subprocesses with OMP_NUM_THREADS=1; the rest call sample.main / sample.load_generator in-process,
-where an uncaught exception (a traceback, to a user) fails the test just as a wrong exit code does.
+zero-initialised and would draw the same flat image for every noise and class. A few tests run `python
+sample.py` (and torchrun) as subprocesses with OMP_NUM_THREADS=1; the rest call
+sample.main / sample.load_generator in-process, where an uncaught exception (a traceback, to a user) fails the
+test just as a wrong exit code does.
 """
 
 import argparse
@@ -22,17 +23,20 @@ from PIL import Image
 import checkpoint
 import model
 import sample as sample_mod
+import vae
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # 8x8 RGB, 10 classes: 16 tokens, ~25k parameters.
 TINY = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=1, num_heads=2, num_classes=10)
-# A latent generator's blocks for the bare-file tests (sample.py builds bare files at 32x32x4: 64 tokens here).
+# A latent generator's blocks for the bare-file tests (sample.py builds bare files at 32x32x4: 64
+# tokens here).
 TINY_ARCH = dict(depth=1, hidden_size=32, num_heads=2, patch_size=4)
-# Per-parameter std of the random weights; N(0, 0.02) elsewhere. Large enough that the output depends on the noise
-# and the class, and spans [-1, 1] (some pixels clip).
-STD = {"x_embedder.proj.weight": 0.3, "y_embedder.embedding_table.weight": 0.5, "final_layer.linear.weight": 0.1}
+# Per-parameter std of the random weights; N(0, 0.02) elsewhere. Large enough that the output depends on the
+# noise and the class, and spans [-1, 1] (some pixels clip).
+STD = {"x_embedder.proj.weight": 0.3, "y_embedder.embedding_table.weight": 0.5,
+       "final_layer.linear.weight": 0.1}
 NPZ_ARGS = ["--num-samples", "20", "--batch-size", "6", "--seed", "7", "--device", "cpu"]
 
 
@@ -62,16 +66,18 @@ def seeded_noise(indices, seed, shape):
 
 
 def expected_uint8(net, indices, labels, seed, nfe=1, pred="x", batch_size=None):
-    """Independent of sample.to_uint8: round((x + 1) * 127.5) to nearest, clipped, NHWC, computed in the same batches
-    of consecutive indices as sample.py (so the arithmetic is the same, bit for bit)."""
+    """Independent of sample.to_uint8: round((x + 1) * 127.5) to nearest, clipped, NHWC, computed in the same
+    batches of consecutive indices as sample.py (so the arithmetic is the same, bit for bit)."""
     indices, labels = np.asarray(indices), np.asarray(labels)
     batch_size = batch_size or len(indices)
     out = []
     for start in range(0, len(indices), batch_size):
         idx = indices[start:start + batch_size]
         noise = seeded_noise(idx, seed, (net.in_channels, net.input_size, net.input_size))
-        x = sample_mod.sample(net, noise, torch.from_numpy(labels[start:start + batch_size]), nfe=nfe, pred=pred)
-        out.append(np.clip(np.rint((x.double().numpy() + 1) * 127.5), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1))
+        labels_batch = torch.from_numpy(labels[start:start + batch_size])
+        x = sample_mod.sample(net, noise, labels_batch, nfe=nfe, pred=pred)
+        pixels = np.clip(np.rint((x.double().numpy() + 1) * 127.5), 0, 255).astype(np.uint8)  # (n, C, H, W)
+        out.append(pixels.transpose(0, 2, 3, 1))
     return np.concatenate(out)
 
 
@@ -89,13 +95,14 @@ def cli(*args, cwd, torchrun=False):
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if torchrun else []
-    return subprocess.run([sys.executable, *launcher, str(ROOT / "sample.py"), *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, *launcher, str(ROOT / "sample.py"), *map(str, args)], cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture
 def run_main(capsys, monkeypatch):
-    """sample.main(argv) in-process -> (exit code, stdout, stderr). Exceptions other than SystemExit propagate."""
+    """sample.main(argv) in-process -> (exit code, stdout, stderr). Exceptions other than
+    SystemExit propagate."""
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(key, raising=False)
 
@@ -131,7 +138,7 @@ def ckpts(tmp_path_factory):
     return d, nets
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 1. Grids
 
 
@@ -153,7 +160,8 @@ def test_default_grid_is_a_row_of_8_per_class_from_the_ema(ckpts, tmp_path, run_
     assert np.array_equal(grid, from_ema)
     assert np.unique(grid.reshape(-1, 3), axis=0).shape[0] > 100  # not a flat image
 
-    code, out, err = run_main("--ckpt", d / "one.pt", "--weights", "G", "--out", tmp_path / "g.png", "--device", "cpu")
+    code, out, err = run_main("--ckpt", d / "one.pt", "--weights", "G", "--out", tmp_path / "g.png",
+                              "--device", "cpu")
     assert code == 0, err
     grid_G = np.asarray(Image.open(tmp_path / "g.png"))
     assert grid_G.shape == grid.shape
@@ -193,21 +201,24 @@ def test_non_integer_labels_are_an_error_not_a_traceback(ckpts, tmp_path, run_ma
     assert not (tmp_path / "x.png").exists()
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 3. Checkpoints that cannot be used
 
 
 def test_step_count_must_match_a_fixed_step_checkpoint(ckpts, tmp_path, run_main):
     d, _ = ckpts
-    code, out, err = run_main("--ckpt", d / "one.pt", "--nfe", "2", "--out", tmp_path / "a.png", "--device", "cpu")
+    code, out, err = run_main("--ckpt", d / "one.pt", "--nfe", "2", "--out", tmp_path / "a.png",
+                              "--device", "cpu")
     line = assert_one_error_line(code, err, "--nfe 2")
     assert "1 step" in line
-    code, out, err = run_main("--ckpt", d / "two.pt", "--nfe", "4", "--out", tmp_path / "b.png", "--device", "cpu")
+    code, out, err = run_main("--ckpt", d / "two.pt", "--nfe", "4", "--out", tmp_path / "b.png",
+                              "--device", "cpu")
     line = assert_one_error_line(code, err, "--nfe 4")
     assert "2 step" in line
     assert not (tmp_path / "a.png").exists() and not (tmp_path / "b.png").exists()
     # The step count it was trained for works, and is the default.
-    code, out, err = run_main("--ckpt", d / "two.pt", "--labels", "1", "--out", tmp_path / "c.png", "--device", "cpu")
+    code, out, err = run_main("--ckpt", d / "two.pt", "--labels", "1", "--out", tmp_path / "c.png",
+                              "--device", "cpu")
     assert code == 0, err
     ema = ckpts[1]["two"][1]
     assert np.array_equal(np.asarray(Image.open(tmp_path / "c.png")),
@@ -216,7 +227,8 @@ def test_step_count_must_match_a_fixed_step_checkpoint(ckpts, tmp_path, run_main
 
 def test_any_step_checkpoint_takes_any_positive_step_count(ckpts):
     d, _ = ckpts
-    args = argparse.Namespace(ckpt=str(d / "any.pt"), weights="ema", nfe=None, pred=None, model="XL/2", repeat=1)
+    args = argparse.Namespace(ckpt=str(d / "any.pt"), weights="ema", nfe=None, pred=None, model="XL/2",
+                              repeat=1)
     generator, nfe, pred = sample_mod.load_generator(args)
     assert (nfe, pred) == (8, "v") and generator.use_t_src and generator.use_t_tgt
     for k in (1, 3):
@@ -263,7 +275,8 @@ class Payload:
 
 @pytest.fixture(scope="module", params=["torch.save", "pickle"])
 def payload_run(request, tmp_path_factory):
-    """`python sample.py` on a ckpt whose unpickling would run code (written by torch.save, or by plain pickle)."""
+    """`python sample.py` on a ckpt whose unpickling would run code (written by torch.save, or by
+    plain pickle)."""
     d = tmp_path_factory.mktemp("payload")
     marker, ckpt = d / "PWNED", d / "evil.pt"
     state = {"generator_kwargs": dict(TINY), "config": {"nfe": 1, "pred": "x"}, "ema": Payload(marker)}
@@ -294,7 +307,7 @@ def test_refusal_is_one_clean_line(payload_run):
     assert "\x1b" not in result.stderr
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 4, 5. ADM-format .npz, one process and two
 
 
@@ -337,7 +350,8 @@ def test_npz_is_adm_format_balanced_shuffled_and_rounded(ckpts, npz_one_process)
 
 def test_npz_is_the_same_from_two_processes(ckpts, npz_one_process, tmp_path):
     out1, _ = npz_one_process
-    result = cli("--ckpt", ckpts[0] / "one.pt", "--npz", "samples.npz", *NPZ_ARGS, cwd=tmp_path, torchrun=True)
+    result = cli("--ckpt", ckpts[0] / "one.pt", "--npz", "samples.npz", *NPZ_ARGS, cwd=tmp_path,
+                 torchrun=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(os.listdir(tmp_path)) == ["samples.npz"]
     with np.load(out1 / "samples.npz") as one, np.load(tmp_path / "samples.npz") as two:
@@ -347,7 +361,8 @@ def test_npz_is_the_same_from_two_processes(ckpts, npz_one_process, tmp_path):
 
 
 def test_npz_rank_with_no_batches(ckpts, tmp_path, monkeypatch):
-    """Two ranks simulated in one process (barriers stubbed): with 5 samples in batches of 6, rank 1 gets none."""
+    """Two ranks simulated in one process (barriers stubbed): with 5 samples in batches of 6, rank
+    1 gets none."""
     monkeypatch.setattr(torch.distributed, "barrier", lambda *a, **k: None)
     args = argparse.Namespace(ckpt=str(ckpts[0] / "one.pt"), weights="ema", nfe=None, pred=None, model="XL/2",
                               repeat=1, npz=str(tmp_path / "s.npz"), num_samples=5, batch_size=6, seed=3)
@@ -362,7 +377,7 @@ def test_npz_rank_with_no_batches(ckpts, tmp_path, monkeypatch):
     assert np.array_equal(labels, order) and sorted(order) == list(range(5))
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 6. The authors' bare generator state dicts
 
 
@@ -423,7 +438,8 @@ def test_bare_any_step_file(tmp_path, tiny_model):
 
 
 def test_bare_any_step_file_samples_in_one_step(tmp_path, tiny_model):
-    """Any step count, one included, as for our own any-step ckpt.pt; still the residual (v) form it was trained in."""
+    """Any step count, one included, as for our own any-step ckpt.pt; still the residual (v) form it was
+    trained in."""
     bare_file(tmp_path / "g.pth", use_t_src=True, use_t_tgt=True)
     generator, nfe, pred = sample_mod.load_generator(bare_args(tmp_path / "g.pth", tiny_model, nfe=1))
     assert (nfe, pred) == (1, "v")
@@ -438,8 +454,8 @@ def test_bare_deep_file(tmp_path, tiny_model):
 
 
 def test_bare_deep_file_without_repeat_points_at_repeat(tmp_path, tiny_model):
-    """A 56-layer file's keys are a multi-step file's (t_embedder): the error must mention --repeat, not only --nfe,
-    or the user passes --nfe 2 and silently gets a multi-step reading of a deep generator."""
+    """A 56-layer file's keys are a multi-step file's (t_embedder): the error must mention --repeat, not only
+    --nfe, or the user passes --nfe 2 and silently gets a multi-step reading of a deep generator."""
     bare_file(tmp_path / "g.pth", repeat=2)
     with pytest.raises(sample_mod.SampleError, match="--repeat"):
         sample_mod.load_generator(bare_args(tmp_path / "g.pth", tiny_model))
@@ -447,8 +463,8 @@ def test_bare_deep_file_without_repeat_points_at_repeat(tmp_path, tiny_model):
 
 def test_bare_file_errors_on_the_command_line(tmp_path, tiny_model, run_main):
     bare_file(tmp_path / "g.pth")
-    code, out, err = run_main("--ckpt", tmp_path / "g.pth", "--model", tiny_model, "--out", tmp_path / "x.png",
-                              "--device", "cpu")
+    code, out, err = run_main("--ckpt", tmp_path / "g.pth", "--model", tiny_model,
+                              "--out", tmp_path / "x.png", "--device", "cpu")
     assert_one_error_line(code, err, "--vae")
     code, out, err = run_main("--ckpt", tmp_path / "g.pth", "--model", "Nope/3", "--vae", "v.pth",
                               "--out", tmp_path / "x.png", "--device", "cpu")
@@ -467,23 +483,23 @@ def test_latents_are_unscaled_before_decoding(monkeypatch):
             seen["z"] = z
             return z[:, :3]
 
-    import vae
     monkeypatch.setattr(vae, "load_vae", lambda path, device="cpu": FakeVAE())
     generator = model.Generator(input_size=8, in_channels=4, num_classes=3, **TINY_ARCH)
     z = torch.randn(2, 4, 8, 8)
     sample_mod.make_decoder(generator, "vae.pth", torch.device("cpu"))(z)
     assert torch.allclose(seen["z"], z / 0.18215)
-    assert sample_mod.make_decoder(model.Generator(**TINY), None, torch.device("cpu"))(z) is z  # pixels: as is
+    pixels_decoder = sample_mod.make_decoder(model.Generator(**TINY), None, torch.device("cpu"))
+    assert pixels_decoder(z) is z  # pixels: as is
 
 
 def test_vae_decodes_a_latent_grid_to_256px(tmp_path, tiny_model, run_main):
     """One real sd-vae-ft-mse-shaped decode of a 32x32x4 latent (random VAE weights, ~5-25 s on CPU)."""
-    import vae
     torch.manual_seed(0)
     torch.save(vae.AutoencoderKL().state_dict(), tmp_path / "vae.pth")
     bare_file(tmp_path / "g.pth")
-    code, out, err = run_main("--ckpt", tmp_path / "g.pth", "--model", tiny_model, "--vae", tmp_path / "vae.pth",
-                              "--labels", "2", "--out", tmp_path / "img.png", "--device", "cpu")
+    code, out, err = run_main("--ckpt", tmp_path / "g.pth", "--model", tiny_model,
+                              "--vae", tmp_path / "vae.pth", "--labels", "2", "--out", tmp_path / "img.png",
+                              "--device", "cpu")
     assert code == 0, err
     image = np.asarray(Image.open(tmp_path / "img.png"))
     assert image.shape == (256, 256, 3)
