@@ -7,7 +7,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # `pytest` run from anywhere still imports the flat modules at the repository root
+# `pytest` run from anywhere still imports the flat modules at the repository root
+if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -38,7 +39,8 @@ def dit_config(afm_ref):
 
 @pytest.fixture(scope="session")
 def load_case(afm_ref, dit_config):
-    """name -> the right class built from config + the case's kwargs, with its state dict loaded strict=True."""
+    """name -> the right class built from config + the case's kwargs, with its state dict loaded
+    strict=True."""
 
     def build(name):
         case = afm_ref["cases"][name]
@@ -51,8 +53,8 @@ def load_case(afm_ref, dit_config):
 
 @pytest.fixture(scope="module")
 def one_thread():
-    """The core tests run tiny models: one intra-op thread is faster than two, and much faster on a busy machine
-    (OpenMP workers spin). Restored afterwards, so other test modules keep their setting."""
+    """The core tests run tiny models: one intra-op thread is faster than two, and much faster on a busy
+    machine (OpenMP workers spin). Restored afterwards, so other test modules keep their setting."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -1,8 +1,8 @@
 """A small class-structured image dataset, written in the real CIFAR-10 archive format.
 
 Class k is a disc of a class-specific colour at a class-specific position on a dark background, with random
-jitter in position, radius and brightness and a little pixel noise. Simple enough that a tiny model learns it in
-minutes on a CPU, structured enough that per-class statistics show whether it did.
+jitter in position, radius and brightness and a little pixel noise. Simple enough that a tiny model learns it
+in minutes on a CPU, structured enough that per-class statistics show whether it did.
 
     python tests/synthetic.py DIR [--per-class N]   # writes DIR/cifar-10-python.tar.gz and prints its MD5
 """
@@ -18,7 +18,8 @@ import tarfile
 import numpy as np
 
 COLOURS = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
-                    [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212]], np.float32)
+                    [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212]],
+                   np.float32)
 CENTRES = [(8 + 16 * (k % 2), 5 + 5.5 * (k // 2)) for k in range(10)]  # (x, y), a 2 x 5 layout
 
 
@@ -32,7 +33,8 @@ def make_images(per_class, seed=0, size=32):
             cx, cy = np.array(CENTRES[k]) * size / 32 + rng.uniform(-2, 2, 2)
             radius = rng.uniform(4, 6) * size / 32
             inside = np.clip(radius - np.sqrt((xx - cx) ** 2 + (yy - cy) ** 2) + 0.5, 0, 1)[..., None]
-            image = 20 + inside * (COLOURS[k] * rng.uniform(0.8, 1.0) - 20) + rng.normal(0, 4, (size, size, 3))
+            image = (20 + inside * (COLOURS[k] * rng.uniform(0.8, 1.0) - 20)
+                     + rng.normal(0, 4, (size, size, 3)))
             images.append(np.clip(image, 0, 255).round().astype(np.uint8))
             labels.append(k)
     order = rng.permutation(len(labels))

@@ -1,8 +1,9 @@
-"""augment.py: the paired discriminator augmentation (paper App. D, Algorithm 1) and the classifier's affine one.
+"""augment.py: the paired discriminator augmentation (paper App. D, Algorithm 1) and the
+classifier's affine one.
 
 Most tests feed a "coordinate image": every pixel holds a distinct positive number, so each output pixel tells
-exactly which input pixel it was copied from (or that it was filled with 0). That turns "the same transform was
-applied to real[i] and fake[i]" and "the translation is an integer shift" into exact checks.
+exactly which input pixel it was copied from (or that it was filled with 0). That turns "the same transform
+was applied to real[i] and fake[i]" and "the translation is an integer shift" into exact checks.
 """
 
 import math
@@ -18,12 +19,14 @@ NO_TRANSLATE = (0.0, 0.0)
 
 
 def coordinate_image(N, C, H, W):
-    """(N, C, H, W) float64 with pixel (c, r, col) = 1 + (c * H + r) * W + col: positive and distinct per sample."""
+    """(N, C, H, W) float64 with pixel (c, r, col) = 1 + (c * H + r) * W + col: positive and
+    distinct per sample."""
     return torch.arange(1, C * H * W + 1, dtype=torch.float64).view(1, C, H, W).repeat(N, 1, 1, 1)
 
 
 def decode(out, C, H, W):
-    """Source (channel, row, col) of each pixel of an augmented coordinate image, and where it was kept (not 0)."""
+    """Source (channel, row, col) of each pixel of an augmented coordinate image, and where it was
+    kept (not 0)."""
     kept = out != 0
     flat = (out - 1).clamp(min=0).long()
     return flat // (H * W), flat // W % H, flat % W, kept
@@ -48,7 +51,7 @@ def inferred_shifts(out, C, H, W):
     return dy_i.long(), dx_i.long()
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # PairedAugment: one transform per pair, a different one per sample
 
 
@@ -83,14 +86,15 @@ def test_each_sample_gets_its_own_transform():
     assert len({tuple(m.tolist()) for m in masks}) == 64
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Translation
 
 
 @pytest.mark.parametrize("H, W", [(32, 32), (20, 50)])
 def test_translation_is_an_integer_shift_within_range(H, W):
-    """Default = Kornia's translate_x = translate_y = (0, 0.3): content moves right / down by 0..30% of the size.
-    Every output pixel is an exact copy of the input pixel it was shifted from, or 0 where nothing was."""
+    """Default = Kornia's translate_x = translate_y = (0, 0.3): content moves right / down by
+    0..30% of the size. Every output pixel is an exact copy of the input pixel it was shifted from,
+    or 0 where nothing was."""
     torch.manual_seed(0)
     C = 2
     real = coordinate_image(400, C, H, W)
@@ -132,7 +136,7 @@ def test_translation_frequency_matches_p():
     assert abs(moved - p * 0.99) < 5 * math.sqrt(p * (1 - p) / N)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Cutouts
 
 
@@ -177,7 +181,7 @@ def test_number_of_cutouts_and_their_frequency():
     assert (erased_three > 0.5 + 0.05).any()  # more than one rectangle's worth
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # General contract
 
 
@@ -219,7 +223,8 @@ def test_shapes_must_match():
 
 
 def test_gradient_reaches_fake_exactly_where_pixels_survive():
-    """d sum(fake_aug) / d fake = 1 at every input pixel copied into the output, 0 at those shifted out or erased."""
+    """d sum(fake_aug) / d fake = 1 at every input pixel copied into the output, 0 at those
+    shifted out or erased."""
     torch.manual_seed(0)
     C, H, W = 4, 16, 16
     real = coordinate_image(16, C, H, W)
@@ -258,7 +263,7 @@ def test_cuda_matches_contract():
     assert AffineAugment(p=1.0)(x).device == x.device
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # AffineAugment
 
 
@@ -293,13 +298,13 @@ def test_affine_applied_with_probability_p():
 
 def test_affine_theta_geometry():
     """A 90 degree rotation is rot90, also on the central square of a non-square image (no shear from the
-    normalized coordinates), an integer shift of (dx, dy) pixels moves the content right by dx and down by dy, and
-    a zoom of 2 about the center keeps the central 2 x 2 block's mean."""
+    normalized coordinates), an integer shift of (dx, dy) pixels moves the content right by dx and down by dy,
+    and a zoom of 2 about the center keeps the central 2 x 2 block's mean."""
     x = torch.randn(2, 3, 8, 8)
     zero, one = torch.zeros(2), torch.ones(2)
     rotated = warp_affine(x, affine_theta(torch.full((2,), math.pi / 2), one, torch.zeros(2, 2), 8, 8))
-    assert torch.allclose(rotated, x.rot90(1, (2, 3)), atol=1e-5) or torch.allclose(rotated, x.rot90(-1, (2, 3)),
-                                                                                    atol=1e-5)
+    assert (torch.allclose(rotated, x.rot90(1, (2, 3)), atol=1e-5)
+            or torch.allclose(rotated, x.rot90(-1, (2, 3)), atol=1e-5))
     moved = warp_affine(x, affine_theta(zero, one, torch.tensor([[2.0, 1.0]] * 2), 8, 8))
     assert torch.allclose(moved[..., 1:, 2:], x[..., :-1, :-2], atol=1e-5)
     wide = torch.randn(2, 3, 6, 10)

@@ -1,4 +1,5 @@
-"""bench.py: the command runs each mode and reports complete, sane JSON; the baseline computes train.py's objective.
+"""bench.py: the command runs each mode and reports complete, sane JSON; the baseline computes
+train.py's objective.
 
 Nothing here asserts speed. The command-line runs start together (one thread each) to keep the file fast.
 """
@@ -17,7 +18,8 @@ import bench
 import losses
 import train
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # in-process tests; the command lines get OMP_NUM_THREADS=1
+# in-process tests; the command lines get OMP_NUM_THREADS=1
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--model", "T/4", "--image-size", "16", "--batch-size", "4", "--steps", "2", "--warmup", "1",
@@ -25,7 +27,8 @@ TINY = ["--model", "T/4", "--image-size", "16", "--batch-size", "4", "--steps", 
 RUNS = {
     "plain": [],
     "baseline": ["--baseline"],
-    "nfe2_latents": ["--nfe", "2", "--data-loader", "--in-channels", "4", "--image-size", "8", "--num-workers", "1"],
+    "nfe2_latents": ["--nfe", "2", "--data-loader", "--in-channels", "4", "--image-size", "8",
+                     "--num-workers", "1"],
     "pngs": ["--data-loader", "--num-workers", "1"],
 }
 REQUIRED = ["iter_ms", "img_per_s", "gflop_per_iter", "flop_units", "gflops", "tflops", "mm_fp32_gflops",
@@ -52,7 +55,8 @@ def report(results, name):
     lines = out.strip().splitlines()
     result = json.loads(lines[-1])
     for key in REQUIRED:
-        assert isinstance(result[key], float) and math.isfinite(result[key]) and result[key] > 0, (key, result)
+        value = result[key]
+        assert isinstance(value, float) and math.isfinite(value) and value > 0, (key, result)
     for key in CONFIG:
         assert key in result, key
     return result

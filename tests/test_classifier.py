@@ -1,5 +1,6 @@
-"""classifier.py: `train.py --train-classifier` end to end on small data in the real formats (a CIFAR-10-format
-archive and a PNG class folder), loading the result, and whether the classifier actually learns."""
+"""classifier.py: `train.py --train-classifier` end to end on small data in the real formats (a
+CIFAR-10-format archive and a PNG class folder), loading the result, and whether the classifier
+actually learns."""
 
 import json
 import os
@@ -69,15 +70,17 @@ def test_cli_writes_checkpoint_and_per_noise_level_log(tmp_path, monkeypatch):
     assert state["step"] == 4
     assert len(augmented) == len(seen) == 4 and all(x.shape == (8, 3, 32, 32) for x, _ in augmented)
     for (_, x_aug), (x_t, t) in zip(augmented, seen):
-        # x_t = (1 - t) x_aug + t z with one t ~ U(0, 1) per sample: what is left over must be standard noise z
+        # x_t = (1 - t) x_aug + t z with one t ~ U(0, 1) per sample: what is left over must be
+        # standard noise z
         assert t.shape == (8,) and 0 <= t.min() < t.max() <= 1
-        t, x_t, x_aug = t[t > 0.05], x_t[t > 0.05], x_aug[t > 0.05]  # dividing by a tiny t would amplify rounding
+        # dividing by a tiny t would amplify rounding
+        t, x_t, x_aug = t[t > 0.05], x_t[t > 0.05], x_aug[t > 0.05]
         z = (x_t - (1 - t.view(-1, 1, 1, 1)) * x_aug) / t.view(-1, 1, 1, 1)
         assert abs(z.mean()) < 0.1 and abs(z.std() - 1) < 0.1
     for key in ("classifier", "online", "opt", "config", "rng", "data"):
         assert key in state, key
-    assert state["classifier_kwargs"] == dict(depth=4, hidden_size=128, num_heads=4, patch_size=4, input_size=32,
-                                              in_channels=3, num_classes=10)
+    assert state["classifier_kwargs"] == dict(depth=4, hidden_size=128, num_heads=4, patch_size=4,
+                                              input_size=32, in_channels=3, num_classes=10)
     assert state["config"]["model"] == "T/4" and state["config"]["batch_size"] == 8  # the flags it ran with
     assert state["data"] == {"epoch": 0, "batch": 4}  # 4 of 5 batches
     assert state["opt"]["param_groups"][0]["betas"] == (0.9, 0.95)
@@ -100,8 +103,8 @@ def test_cli_writes_checkpoint_and_per_noise_level_log(tmp_path, monkeypatch):
 
 def test_load_classifier_refuses_other_files(cifar, tmp_path):
     gan_dir = tmp_path / "gan"
-    train.main(["--data", "cifar10", "--data-path", cifar, "--out-dir", str(gan_dir), "--max-steps", "1", "--model", "T/4",
-                "--batch-size", "8", "--num-workers", "0"])
+    train.main(["--data", "cifar10", "--data-path", cifar, "--out-dir", str(gan_dir), "--max-steps", "1",
+                "--model", "T/4", "--batch-size", "8", "--num-workers", "0"])
     with pytest.raises(checkpoint.CheckpointError, match="is a GAN checkpoint"):
         classifier.load_classifier(str(gan_dir / "ckpt.pt"))
     with pytest.raises(checkpoint.CheckpointError, match="not found"):
@@ -115,17 +118,19 @@ def test_load_classifier_refuses_other_files(cifar, tmp_path):
 
 
 def test_classifier_learns_and_noise_removes_the_signal(cifar, tmp_path):
-    run([*FAST, "--data", "cifar10", "--data-path", cifar, "--out-dir", str(tmp_path), "--max-steps", "40", "--batch-size", "16",
-         "--lr", "1e-3", "--log-every", "40", "--ckpt-every", "40"])
+    run([*FAST, "--data", "cifar10", "--data-path", cifar, "--out-dir", str(tmp_path), "--max-steps", "40",
+         "--batch-size", "16", "--lr", "1e-3", "--log-every", "40", "--ckpt-every", "40"])
     net = classifier.load_classifier(str(tmp_path / "classifier.pt"))
     images, labels = make_images(per_class=10, seed=1)  # held out: a different seed than the training archive
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-    acc = {k: v.item() for k, v in classifier.accuracy_by_noise_level(net, x, torch.from_numpy(labels)).items()}
-    # Chance is 0.1 on these 100 balanced images; a classifier guessing at random scores 0.1 +- 0.03, so 0.6 clean
-    # accuracy is far beyond luck (40 steps reach about 0.95 here; 30 steps already about 0.6).
+    by_level = classifier.accuracy_by_noise_level(net, x, torch.from_numpy(labels))
+    acc = {k: v.item() for k, v in by_level.items()}
+    # Chance is 0.1 on these 100 balanced images; a classifier guessing at random scores 0.1 +- 0.03, so 0.6
+    # clean accuracy is far beyond luck (40 steps reach about 0.95 here; 30 steps already about 0.6).
     assert acc["acc_t0"] > 0.6, acc
-    # At t = 1 the input is pure noise, independent of the label: any classifier is at chance (0.1 +- 0.03), unless
-    # the image leaks into x_1. In between, the signal fades: t = 0.75 (noise std 3x the image's scale) is harder.
+    # At t = 1 the input is pure noise, independent of the label: any classifier is at chance
+    # (0.1 +- 0.03), unless the image leaks into x_1. In between, the signal fades: t = 0.75 (noise std 3x
+    # the image's scale) is harder.
     assert acc["acc_t1"] < 0.25, acc
     assert acc["acc_t0"] - acc["acc_t0.75"] > 0.2 and acc["acc_t0.75"] > acc["acc_t1"], acc
 
@@ -147,15 +152,17 @@ def test_resume_is_bitwise_exact(cifar, tmp_path):
 
 
 def test_classifier_py_is_its_own_entry_point_without_train_py():
-    """No import cycle: classifier.py imports nothing from train.py (which imports classifier.py for guidance)."""
+    """No import cycle: classifier.py imports nothing from train.py (which imports classifier.py
+    for guidance)."""
     code = "import sys, classifier; assert 'train' not in sys.modules, 'classifier.py imported train.py'"
     subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent, check=True)
 
 
 def test_resume_takes_a_new_learning_rate(cifar, tmp_path):
-    """--resume --lr reaches the optimizer (whose state_dict carries the old rate) and the log; the model cannot
-    change on resume."""
-    common = [*FAST, "--data", "cifar10", "--data-path", cifar, "--out-dir", str(tmp_path), "--log-every", "1"]
+    """--resume --lr reaches the optimizer (whose state_dict carries the old rate) and the log; the model
+    cannot change on resume."""
+    common = [*FAST, "--data", "cifar10", "--data-path", cifar, "--out-dir", str(tmp_path),
+              "--log-every", "1"]
     run([*common, "--max-steps", "2"])
     state = run([*common, "--max-steps", "3", "--lr", "1e-3", "--resume"])
     assert state["opt"]["param_groups"][0]["lr"] == state["config"]["lr"] == 1e-3

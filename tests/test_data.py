@@ -20,12 +20,13 @@ import data
 from data import ArrayDataset, DataError, ImageFolder, LatentDataset, Loader
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # CIFAR-10 archives as the official one is made: Python 2 cPickle (protocol 2, str -> BINSTRING) in a tar.gz
 
 
 def py2_pickle(obj):
-    """Pickle bytes/int/None/tuple/list/dict and uint8 arrays the way Python 2 with numpy 1 wrote the CIFAR files."""
+    """Pickle bytes/int/None/tuple/list/dict and uint8 arrays the way Python 2 with numpy 1 wrote
+    the CIFAR files."""
     out = bytearray(pickle.PROTO + b"\x02")
 
     def save(value):
@@ -55,7 +56,8 @@ def py2_pickle(obj):
                 save(k)
                 save(v)
             out.extend(pickle.SETITEMS)
-        elif isinstance(value, np.ndarray):  # _reconstruct(ndarray, (0,), 'b') then BUILD (1, shape, dtype, F, raw)
+        elif isinstance(value, np.ndarray):
+            # _reconstruct(ndarray, (0,), 'b') then BUILD (1, shape, dtype, F, raw)
             assert value.dtype == np.uint8
             out.extend(b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n")
             save((0,))
@@ -100,8 +102,10 @@ def write_tar(path, members):
 
 
 def write_cifar(root, per_batch=4, replace=None):
-    """A CIFAR-10 archive at root/cifar-10-python.tar.gz with 5 x per_batch train and per_batch test images."""
-    members = {f"data_batch_{i}": py2_pickle(cifar_batch((i - 1) * per_batch, per_batch)) for i in range(1, 6)}
+    """A CIFAR-10 archive at root/cifar-10-python.tar.gz with 5 x per_batch train and per_batch
+    test images."""
+    members = {f"data_batch_{i}": py2_pickle(cifar_batch((i - 1) * per_batch, per_batch))
+               for i in range(1, 6)}
     members["test_batch"] = py2_pickle(cifar_batch(100, per_batch))
     members["batches.meta"] = py2_pickle({b"label_names": [b"airplane", b"automobile"], b"num_vis": 3072})
     members.update(replace or {})
@@ -130,7 +134,8 @@ def test_load_cifar10_layout_and_labels(tmp_path, monkeypatch):
     assert (images[..., 1] == cols).all()  # G plane -> channel 1
     assert (images[..., 2] == np.arange(20)[:, None, None]).all()  # B plane; batches 1..5 in order
     test_images, test_labels = data.load_cifar10(str(tmp_path), train=False, download=False)
-    assert test_images.shape == (4, 32, 32, 3) and (test_images[..., 2] == np.arange(100, 104)[:, None, None]).all()
+    assert test_images.shape == (4, 32, 32, 3)
+    assert (test_images[..., 2] == np.arange(100, 104)[:, None, None]).all()
     assert test_labels.tolist() == [0, 1, 2, 3]
 
 
@@ -180,7 +185,8 @@ def test_load_cifar10_refuses_malicious_pickle(tmp_path, monkeypatch):
 
     marker = tmp_path / "pwned"
     payload = pickle.dumps(Exploit(str(marker)), protocol=2)
-    monkeypatch.setattr(data, "CIFAR10_MD5", write_cifar(tmp_path / "data", replace={"data_batch_1": payload}))
+    md5 = write_cifar(tmp_path / "data", replace={"data_batch_1": payload})
+    monkeypatch.setattr(data, "CIFAR10_MD5", md5)
     with pytest.raises(DataError, match="refusing to unpickle"):
         data.load_cifar10(str(tmp_path / "data"), download=False)
     assert not marker.exists()
@@ -198,7 +204,8 @@ def write_cifar_folder(root, per_batch=4, replace=None):
     """The extracted archive, root/cifar-10-batches-py/ (torchvision's layout) -> {file: its MD5}."""
     folder = root / "cifar-10-batches-py"
     os.makedirs(folder, exist_ok=True)
-    members = {f"data_batch_{i}": py2_pickle(cifar_batch((i - 1) * per_batch, per_batch)) for i in range(1, 6)}
+    members = {f"data_batch_{i}": py2_pickle(cifar_batch((i - 1) * per_batch, per_batch))
+               for i in range(1, 6)}
     members["test_batch"] = py2_pickle(cifar_batch(100, per_batch))
     members.update(replace or {})
     for name, payload in members.items():
@@ -221,7 +228,8 @@ def test_load_cifar10_extracted_folder_names_the_bad_file(tmp_path, monkeypatch)
     with pytest.raises(DataError) as raised:
         data.load_cifar10(str(tmp_path), download=False)
     message = str(raised.value)
-    assert message.startswith(str(tmp_path / "cifar-10-batches-py" / "data_batch_4") + " has MD5 " + md5["data_batch_4"])
+    assert message.startswith(str(tmp_path / "cifar-10-batches-py" / "data_batch_4") + " has MD5 "
+                              + md5["data_batch_4"])
     assert "not the official " + "0" * 32 in message and "\n" not in message
     os.remove(tmp_path / "cifar-10-batches-py" / "test_batch")
     monkeypatch.setattr(data, "CIFAR10_BATCH_MD5", md5)
@@ -231,16 +239,18 @@ def test_load_cifar10_extracted_folder_names_the_bad_file(tmp_path, monkeypatch)
 
 def test_load_cifar10_extracted_folder_with_the_official_checksums_rejects_our_files(tmp_path):
     write_cifar_folder(tmp_path)  # the real table of official MD5s: synthetic files must fail it
-    with pytest.raises(DataError, match="data_batch_1 has MD5 .* not the official c99cafc152244af753f735de768cd75f"):
+    with pytest.raises(DataError,
+                       match="data_batch_1 has MD5 .* not the official c99cafc152244af753f735de768cd75f"):
         data.load_cifar10(str(tmp_path), download=False)
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # MNIST and Fashion-MNIST: the IDX format
 
 
 def idx_bytes(array):
-    """The IDX format: 0, 0, type 0x08 (uint8), number of dimensions, big-endian int32 sizes, then the bytes."""
+    """The IDX format: 0, 0, type 0x08 (uint8), number of dimensions, big-endian int32 sizes,
+    then the bytes."""
     return bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}i", *array.shape) + array.tobytes()
 
 
@@ -285,8 +295,9 @@ def test_load_idx_dataset_bad_files(tmp_path, monkeypatch, no_sleep):
     with pytest.raises(DataError) as raised:  # the real table of official MD5s: our files must fail it
         data.load_idx_dataset("mnist", str(tmp_path), download=False)
     message = str(raised.value)
-    assert message.startswith(f"{tmp_path}/train-images-idx3-ubyte.gz has MD5 {md5['train-images-idx3-ubyte']}, "
-                              f"not the official f68b3c2dcbeaaa9fbdd348bbdeb94873")
+    assert message.startswith(f"{tmp_path}/train-images-idx3-ubyte.gz has MD5 "
+                              f"{md5['train-images-idx3-ubyte']}, not the official "
+                              f"f68b3c2dcbeaaa9fbdd348bbdeb94873")
 
     monkeypatch.setitem(data.IDX_SOURCES, "mnist", (url, md5))
     labels = tmp_path / "train-labels-idx1-ubyte.gz"
@@ -310,15 +321,17 @@ def test_load_idx_dataset_bad_files(tmp_path, monkeypatch, no_sleep):
     with pytest.raises(DataError) as raised:
         data.load_idx_dataset("mnist", str(tmp_path / "empty"))
     message = str(raised.value)
-    assert message.startswith(f"train-images-idx3-ubyte.gz of mnist is not in {tmp_path / 'empty'} and could not be "
-                              f"downloaded") and message.endswith(f"Download {url}train-images-idx3-ubyte.gz and put "
-                                                                  f"it at {tmp_path / 'empty'}/train-images-idx3-ubyte.gz")
+    assert message.startswith(f"train-images-idx3-ubyte.gz of mnist is not in {tmp_path / 'empty'} "
+                              f"and could not be downloaded")
+    assert message.endswith(f"Download {url}train-images-idx3-ubyte.gz and put it at "
+                            f"{tmp_path / 'empty'}/train-images-idx3-ubyte.gz")
 
 
 def test_fit_to_size_pads_with_black_and_box_resizes():
     images = np.full((2, 28, 28), 200, np.uint8)
     padded = data.fit_to_size(images, 32)
-    assert padded.shape == (2, 32, 32) and (padded[:, 2:30, 2:30] == 200).all() and padded.sum() == 2 * 28 * 28 * 200
+    assert padded.shape == (2, 32, 32) and (padded[:, 2:30, 2:30] == 200).all()
+    assert padded.sum() == 2 * 28 * 28 * 200
     assert data.fit_to_size(images, 28) is images or np.array_equal(data.fit_to_size(images, 28), images)
     assert (data.fit_to_size(images, 14) == 200).all() and data.fit_to_size(images, 14).shape == (2, 14, 14)
 
@@ -331,12 +344,13 @@ FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 def test_real_fashion_mnist_passes_its_checksums():
     images, labels = data.load_idx_dataset("fashion-mnist", FASHION_MNIST, download=False)
     assert images.shape == (60000, 28, 28) and np.bincount(labels).tolist() == [6000] * 10
-    dataset, classes, channels, size = data.make_dataset("fashion-mnist", None, 32)  # found without --data-path
+    # found without --data-path
+    dataset, classes, channels, size = data.make_dataset("fashion-mnist", None, 32)
     assert len(dataset) == 60000 and (classes, channels, size) == (10, 1, 32)
     assert dataset[(0, False)][0].shape == (1, 32, 32) and labels[0] == dataset[(0, False)][1] == 9
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # download
 
 
@@ -404,12 +418,13 @@ def test_download_network_failure_retries_then_explains(tmp_path, monkeypatch, n
 
     monkeypatch.setattr(data.urllib.request, "urlopen", offline)
     path = str(tmp_path / "weights.pth")
-    with pytest.raises(DataError, match=re.escape(f"Download https://example.com/w.pth and put it at {path}") + "$"):
+    expected = re.escape(f"Download https://example.com/w.pth and put it at {path}") + "$"
+    with pytest.raises(DataError, match=expected):
         data.download("https://example.com/w.pth", path)
     assert len(calls) == 3 and not os.path.exists(path)
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Image folders
 
 
@@ -440,7 +455,8 @@ def test_center_crop_arr_non_square_keeps_the_center():
 
 @pytest.fixture
 def folder(tmp_path):
-    """root/b_cats: 2 good; root/a_dogs: good, random bytes, truncated PNG; root/c_empty: nothing; plus a .txt"""
+    """root/b_cats: 2 good; root/a_dogs: good, random bytes, truncated PNG; root/c_empty: nothing;
+    plus a .txt"""
     root = tmp_path / "images"
     save_image(root / "a_dogs" / "0.png", noise(40, 60, 2))
     (root / "a_dogs" / "1.png").write_bytes(os.urandom(500))
@@ -527,7 +543,7 @@ def test_image_folder_all_unreadable(tmp_path):
     assert str(raised.value) == f"no readable image in {root}"
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Latents
 
 
@@ -548,7 +564,8 @@ def test_latent_dataset_round_trip(tmp_path):
         for flip in (False, True):
             latent, label = dataset[(index, flip)]
             assert latent.dtype == torch.float32 and label == 7 * index
-            assert torch.equal(latent, torch.from_numpy(records["latent"][index, int(flip)].astype(np.float32)))
+            expected = records["latent"][index, int(flip)].astype(np.float32)
+            assert torch.equal(latent, torch.from_numpy(expected))
     copy = pickle.dumps(dataset)  # what a "spawn" worker receives: the path, not the data
     assert len(copy) < 500 and torch.equal(pickle.loads(copy)[(5, True)][0], dataset[(5, True)][0])
     x, y = next(Loader(dataset, batch_size=6, flip=False))  # latents are not rescaled
@@ -566,14 +583,15 @@ def test_latent_dataset_bad_files(tmp_path):
         LatentDataset(str(tmp_path / "junk.npy"))
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # make_dataset
 
 
 def test_make_dataset(tmp_path, monkeypatch, folder):
     monkeypatch.setattr(data, "CIFAR10_MD5", write_cifar(tmp_path / "cifar"))
     dataset, classes, channels, size = data.make_dataset("cifar10", str(tmp_path / "cifar"), 32)
-    assert isinstance(dataset, ArrayDataset) and len(dataset) == 20 and (classes, channels, size) == (10, 3, 32)
+    assert isinstance(dataset, ArrayDataset) and len(dataset) == 20
+    assert (classes, channels, size) == (10, 3, 32)
     dataset, classes, channels, size = data.make_dataset("folder", str(folder), 16)
     assert isinstance(dataset, ImageFolder) and (classes, channels, size) == (3, 3, 16)
     write_latents(tmp_path / "latents.npy", h=4, w=4)
@@ -588,7 +606,7 @@ def test_make_dataset(tmp_path, monkeypatch, folder):
         data.make_dataset("svhn", None, 32)
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Loader
 
 

@@ -1,5 +1,6 @@
-"""Tests for fid.py: the Inception against pytorch-fid / torch-fidelity vectors, the TF1 resize, the Frechet distance,
-streamed statistics, image sources, the weight download and the command line. Runs offline on CPU."""
+"""Tests for fid.py: the Inception against pytorch-fid / torch-fidelity vectors, the TF1 resize,
+the Frechet distance, streamed statistics, image sources, the weight download and the command
+line. Runs offline on CPU."""
 
 import hashlib
 import http.server
@@ -22,7 +23,8 @@ REFERENCE = torch.load(ROOT / "tests" / "data" / "fid_reference.pt", weights_onl
 
 
 def seeded_state_dict():
-    """The fixture weights, rebuilt as tests/data/README.md describes: one RandomState draw per key, in file order."""
+    """The fixture weights, rebuilt as tests/data/README.md describes: one RandomState draw per
+    key, in file order."""
     rng = np.random.RandomState(REFERENCE["seed"])
     state_dict = {}
     for key, shape in REFERENCE["keys_shapes"]:
@@ -59,7 +61,7 @@ def nchw(images_nhwc):
     return images_nhwc.permute(0, 3, 1, 2)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The network
 
 def test_state_dict_matches_weight_file_layout(model):
@@ -92,11 +94,12 @@ def test_bad_resize_name_is_rejected():
         fid.InceptionV3(resize="bicubic")
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The TF1 resize
 
 def test_tf1_resize_hand_example():
-    # Width 2 -> 4: source coordinates 0, 0.5, 1, 1.5 (no half-pixel offset); index 2 clamps to the last pixel.
+    # Width 2 -> 4: source coordinates 0, 0.5, 1, 1.5 (no half-pixel offset); index 2 clamps to
+    # the last pixel.
     x = torch.tensor([[0.0, 10.0], [20.0, 40.0]]).view(1, 1, 2, 2)
     expected = torch.tensor([[0.0, 5.0, 10.0, 10.0],
                              [10.0, 17.5, 25.0, 25.0],
@@ -128,7 +131,7 @@ def test_tf1_resize_matches_loop_derivation(height, width, size):
     np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-3)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The Frechet distance
 
 @pytest.mark.parametrize("case", range(len(REFERENCE["frechet_cases"])))
@@ -177,7 +180,7 @@ def test_frechet_rejects_mismatched_shapes():
         fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Streamed statistics and image sources
 
 def test_streamed_statistics_equal_numpy():
@@ -252,7 +255,7 @@ def test_precomputed_statistics_are_read_back(tmp_path):
     assert np.array_equal(loaded[0], mu) and np.array_equal(loaded[1], sigma)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Weights
 
 def test_download_checks_sha256(tmp_path):
@@ -323,12 +326,12 @@ def test_load_inception_checks_keys(tmp_path, state_dict):
         fid.load_inception(wrong)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Command line
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "fid.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run([sys.executable, "fid.py", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
 
 
 def assert_one_line_error(result, *fragments):
@@ -380,13 +383,14 @@ def test_cli_fid_of_two_statistics_files(tmp_path):
 
 
 def test_frechet_of_low_rank_feature_sets():
-    # With n < D samples, sigma = X^T X / (n - 1) for centered X (n, D), and the nonzero eigenvalues of sigma1 sigma2
-    # are the squared singular values of X1 X2^T / (n - 1): tr sqrt(sigma1 sigma2) is their sum.
+    # With n < D samples, sigma = X^T X / (n - 1) for centered X (n, D), and the nonzero eigenvalues of sigma1
+    # sigma2 are the squared singular values of X1 X2^T / (n - 1): tr sqrt(sigma1 sigma2) is their sum.
     rng = np.random.RandomState(10)
     f1, f2 = rng.rand(6, 512), rng.rand(6, 512) * 1.5 + 0.1
     x1, x2 = f1 - f1.mean(axis=0), f2 - f2.mean(axis=0)
     trace_sqrt = np.linalg.svd(x1 @ x2.T / 5, compute_uv=False).sum()
     expected = (np.sum((f1.mean(axis=0) - f2.mean(axis=0)) ** 2) + np.sum(x1 ** 2) / 5 + np.sum(x2 ** 2) / 5
                 - 2 * trace_sqrt)
-    value = fid.frechet_distance(f1.mean(axis=0), np.cov(f1, rowvar=False), f2.mean(axis=0), np.cov(f2, rowvar=False))
+    value = fid.frechet_distance(f1.mean(axis=0), np.cov(f1, rowvar=False),
+                                 f2.mean(axis=0), np.cov(f2, rowvar=False))
     assert value == pytest.approx(expected, rel=1e-6)

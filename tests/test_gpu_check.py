@@ -1,9 +1,9 @@
-"""tools/gpu_check.sh on a machine without CUDA: it runs to the end, reports the CUDA parts as skipped, runs the
-same bench.py invocations at a tiny size on the CPU (--compile traced by dynamo with the eager backend), exits 0
-and writes the JSON; and tools/gpu_check_report.py's reading of failed, timed-out and skipped parts.
+"""tools/gpu_check.sh on a machine without CUDA: it runs to the end, reports the CUDA parts as skipped, runs
+the same bench.py invocations at a tiny size on the CPU (--compile traced by dynamo with the eager backend),
+exits 0 and writes the JSON; and tools/gpu_check_report.py's reading of failed, timed-out and skipped parts.
 
-The full script takes ~50 s of one CPU core; where CUDA is present it would run the whole GPU suite instead, so
-those tests skip there (run `bash tools/gpu_check.sh` itself).
+The full script takes ~50 s of one CPU core; where CUDA is present it would run the whole GPU suite instead,
+so those tests skip there (run `bash tools/gpu_check.sh` itself).
 """
 
 import json
@@ -41,7 +41,8 @@ def test_cpu_run_skips_cuda_parts_and_smokes_the_bench(tmp_path):
     parts = {part["name"]: part for part in report["parts"]}
     assert list(parts) == ["tests/test_cuda.py", *CUDA_PARTS, *SMOKE_PARTS]
     tests = parts["tests/test_cuda.py"]
-    assert tests["status"] == "skipped" and tests["counts"]["skipped"] > 0 and not tests["counts"].get("passed")
+    assert tests["status"] == "skipped"
+    assert tests["counts"]["skipped"] > 0 and not tests["counts"].get("passed")
     for name in CUDA_PARTS:
         assert parts[name]["status"] == "skipped" and parts[name]["reason"] == "no CUDA", name
     for name in SMOKE_PARTS:
@@ -87,7 +88,8 @@ def test_report_fails_on_failed_and_timed_out_parts(tmp_path, capsys):
         ("tests/test_cuda.py", "tests", "failed", 9, 220, "exit status 1", tmp_path / "tests.log"),
         ("bench XL/2 tf32", "bench", "passed", 50, 75, "", tmp_path / "bench.log"),
         ("bench XL/2 bf16", "bench", "passed", 5, 50, "", tmp_path / "crash.log"),
-        ("bench XL/2 compile", "bench", "timeout", 150, 150, "stopped after its 150s budget", tmp_path / "crash.log"),
+        ("bench XL/2 compile", "bench", "timeout", 150, 150, "stopped after its 150s budget",
+         tmp_path / "crash.log"),
         ("bench B/2 compile", "bench", "skipped", 0, 150, "total budget spent (3s left of 480s)", "")])
     assert gpu_check_report.main(argv) == 1
     report = json.loads((tmp_path / "out.json").read_text())

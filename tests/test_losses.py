@@ -1,5 +1,5 @@
-"""losses.py: the terms (paper secs. 3.1-3.4, eqs. 1-23) and the composed D and G objectives, checked against hand
-computations, autograd, and recordings of what the networks were actually called with."""
+"""losses.py: the terms (paper secs. 3.1-3.4, eqs. 1-23) and the composed D and G objectives, checked against
+hand computations, autograd, and recordings of what the networks were actually called with."""
 
 import math
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = dict(input_size=8, patch_size=2, hidden_size=32, depth=1, num_heads=4, in_channels=2, num_classes=3)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Times
 
 
@@ -82,7 +82,7 @@ def test_predict_x_and_v():
         assert torch.allclose(v[i], x[i] - (s[i] - t[i]) * out[i], atol=1e-6)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The terms
 
 
@@ -95,8 +95,8 @@ def test_relativistic_loss():
     assert torch.allclose(f(pos, neg) - f(neg, pos), (neg - pos).mean(), atol=1e-5)
     # ... and per pair, sigmoid(d) + sigmoid(-d) = 1.
     for i in range(4):
-        assert torch.allclose(torch.exp(-f(pos[i:i + 1], neg[i:i + 1])) + torch.exp(-f(neg[i:i + 1], pos[i:i + 1])),
-                              torch.tensor(1.0), atol=1e-6)
+        one = torch.exp(-f(pos[i:i + 1], neg[i:i + 1])) + torch.exp(-f(neg[i:i + 1], pos[i:i + 1]))
+        assert torch.allclose(one, torch.tensor(1.0), atol=1e-6)
     # Paired, not all-pairs: permuting one side changes the loss.
     assert not torch.allclose(f(pos, neg), f(pos, neg.roll(1)))
     # Stable for large gaps.
@@ -183,7 +183,7 @@ def test_classifier_guidance_loss():
     assert not torch.allclose(x_cg, fake)  # re-noised
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Gradient normalization makes G's gradient independent of the adversarial loss scale
 
 
@@ -207,7 +207,7 @@ def test_gradnorm_makes_generator_gradient_scale_invariant():
     assert not torch.allclose(raw1, g1, rtol=1e-2)  # normalization did change the gradient
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The composed objectives, with tiny models from model.py and recordings of their calls
 
 
@@ -227,7 +227,8 @@ class Recorder(nn.Module):
 
 
 def randomize(net, seed, std=0.1):
-    """Random weights everywhere (the zero-initialized layers too), so every parameter is on the gradient path."""
+    """Random weights everywhere (the zero-initialized layers too), so every parameter is on the
+    gradient path."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in net.parameters():
@@ -299,7 +300,8 @@ def test_discriminator_objective(setup, B):
         if nfe != "any":
             assert torch.allclose(t, s - 1 / nfe)
         for i in range(B):
-            assert torch.allclose(x_src[i], (1 - s[i]) * x[i] + s[i] * ((x_src[i] - (1 - s[i]) * x[i]) / s[i]))
+            noise = (x_src[i] - (1 - s[i]) * x[i]) / s[i]
+            assert torch.allclose(x_src[i], (1 - s[i]) * x[i] + s[i] * noise)
             if t[i] > 0.05:  # x_t = (1 - t) x + t z_t with z_t independent of G's noise z_s
                 z_t = (real[i] - (1 - t[i]) * x[i]) / t[i]
                 z_s = (x_src[i] - (1 - s[i]) * x[i]) / s[i]
@@ -317,8 +319,8 @@ def test_discriminator_objective(setup, B):
     cp = ((lr + lf) ** 2).mean()
     for name, value in dict(d_adv=adv, d_r1=r1, d_r2=r2, d_cp=cp).items():
         assert torch.allclose(metrics[name], value, rtol=1e-4, atol=1e-7), name
-    assert torch.allclose(loss, metrics["d_adv"] + 0.25 * (metrics["d_r1"] + metrics["d_r2"]) + 0.01 * metrics["d_cp"],
-                          rtol=1e-6)
+    expected = metrics["d_adv"] + 0.25 * (metrics["d_r1"] + metrics["d_r2"]) + 0.01 * metrics["d_cp"]
+    assert torch.allclose(loss, expected, rtol=1e-6)
     assert torch.allclose(loss, adv + 0.25 * (r1 + r2) + 0.01 * cp, rtol=1e-4)
     assert torch.allclose(metrics["d_loss"], loss)
     assert all(not v.requires_grad for v in metrics.values())
@@ -397,8 +399,8 @@ class BlockGradient(nn.Module):
 
 @pytest.mark.parametrize("setup", ["1nfe", "2step"])
 def test_generator_gradnorm_only_on_the_path_into_d(setup):
-    """With the fake path into D cut at the normalization, G's gradient is exactly the OT term's: the OT term does
-    not pass through the normalization, and nothing else reaches D from G."""
+    """With the fake path into D cut at the normalization, G's gradient is exactly the OT term's: the OT term
+    does not pass through the normalization, and nothing else reaches D from G."""
     nfe, pred, G, D = make_nets(setup)
     D.requires_grad_(False)
     x, y = make_batch(4)
@@ -432,7 +434,8 @@ def test_augment_goes_to_d_only():
 
     D.requires_grad_(False)
     torch.manual_seed(1)
-    _, metrics = losses.generator_objective(G, D, GradientNormalization(), x, y, nfe=nfe, pred=pred, augment=augment)
+    _, metrics = losses.generator_objective(G, D, GradientNormalization(), x, y, nfe=nfe, pred=pred,
+                                            augment=augment)
     real, fake = D.calls[1]["args"][0], D.calls[2]["args"][0]
     x_src, out = G.calls[1]["args"][0], G.calls[1]["out"]
     assert torch.allclose(real, 2 * x + 1)

@@ -1,4 +1,5 @@
-"""model.py: compatibility with the authors' checkpoints (paper sec. 3.7), sizes, positions, init, depth repetition."""
+"""model.py: compatibility with the authors' checkpoints (paper sec. 3.7), sizes, positions, init, depth
+repetition."""
 
 import math
 import re
@@ -36,7 +37,7 @@ def rel_err(out, ref):
     return ((out - ref).abs().max() / ref.abs().max()).item()
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The authors' outputs
 
 
@@ -64,7 +65,8 @@ def test_generator_conditioning_is_used(afm_ref, load_case):
         assert torch.equal(g1(x, y), g1(x, y, s, t))
         gm = load_case("gen_multi")
         assert (gm(x, y, s) - gm(x, y, s.flip(0))).abs().max() > 1e-3
-        assert torch.equal(gm(x, y, s, t), gm(x, y, s, t.flip(0)))  # the fixed-step model ignores the target time
+        # the fixed-step model ignores the target time
+        assert torch.equal(gm(x, y, s, t), gm(x, y, s, t.flip(0)))
         ga = load_case("gen_any")
         assert (ga(x, y, s, t) - ga(x, y, s, t.flip(0))).abs().max() > 1e-3
         dt = load_case("dis_t")
@@ -72,7 +74,7 @@ def test_generator_conditioning_is_used(afm_ref, load_case):
         assert (g1(x, y) - g1(x, y.flip(0))).abs().max() > 1e-3
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Key names, shapes and parameter counts (the authors' layout)
 
 VARIANTS = {  # fixture case name -> (class, kwargs)
@@ -97,7 +99,8 @@ def expected_layout(name, D, p, C, ncls, T, depth):
             f"blocks.{i}.attn.proj.weight": (D, D), f"blocks.{i}.attn.proj.bias": (D,),
             f"blocks.{i}.mlp.fc1.weight": (4 * D, D), f"blocks.{i}.mlp.fc1.bias": (4 * D,),
             f"blocks.{i}.mlp.fc2.weight": (D, 4 * D), f"blocks.{i}.mlp.fc2.bias": (D,),
-            f"blocks.{i}.adaLN_modulation.1.weight": (6 * D, D), f"blocks.{i}.adaLN_modulation.1.bias": (6 * D,),
+            f"blocks.{i}.adaLN_modulation.1.weight": (6 * D, D),
+            f"blocks.{i}.adaLN_modulation.1.bias": (6 * D,),
         })
     if name.startswith("gen"):
         shapes["y_embedder.embedding_table.weight"] = (ncls, D)  # no extra CFG row
@@ -153,8 +156,8 @@ def test_imagenet_models_have_authors_layout(name, size, afm_ref):
     assert key_pattern(got) == key_pattern(afm_ref["cases"][name]["state_dict"])
     block_ids = {int(m.group(1)) for k in got if (m := re.match(r"^blocks\.(\d+)\.", k))}
     assert block_ids == set(range(spec["depth"]))
-    layout = expected_layout(name, spec["hidden_size"], spec["patch_size"], 4, 1000, (32 // spec["patch_size"]) ** 2,
-                             spec["depth"])
+    tokens = (32 // spec["patch_size"]) ** 2
+    layout = expected_layout(name, spec["hidden_size"], spec["patch_size"], 4, 1000, tokens, spec["depth"])
     assert got == layout
     # Every parameter counts, the fixed pos_embed included; nothing lives outside parameters.
     n_params = sum(p.numel() for p in net.parameters())
@@ -191,7 +194,8 @@ def test_every_registry_entry_builds(size):
     with torch.device("meta"):  # full size: structure and parameter count, no memory
         net = model.Generator(input_size=32, in_channels=4, num_classes=1000, **spec)
     assert len(net.blocks) == depth
-    assert sum(q.numel() for q in net.parameters()) == layout_count(expected_layout("gen_1nfe", D, p, 4, 1000, T, depth))
+    layout = expected_layout("gen_1nfe", D, p, 4, 1000, T, depth)
+    assert sum(q.numel() for q in net.parameters()) == layout_count(layout)
     # One block at that width, through a forward pass on meta (meta forward of a full stack is slow).
     with torch.device("meta"):
         # .to("meta"): see test_device_context_places_every_tensor for where construction alone falls short.
@@ -202,10 +206,12 @@ def test_every_registry_entry_builds(size):
 
 @pytest.mark.parametrize("cls", [model.Generator, model.Discriminator, model.Classifier])
 def test_device_context_places_every_tensor(cls):
-    """Built under `with torch.device(...)` (meta for cheap inspection, cuda for fast init), every tensor of the
-    model, the fixed pos_embed included, must live on that device, so the model runs there without a .to()."""
+    """Built under `with torch.device(...)` (meta for cheap inspection, cuda for fast init), every
+    tensor of the model, the fixed pos_embed included, must live on that device, so the model runs
+    there without a .to()."""
     with torch.device("meta"):
-        net = cls(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=1, num_heads=4, num_classes=10)
+        net = cls(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=1, num_heads=4,
+                  num_classes=10)
     misplaced = sorted(k for k, v in net.state_dict().items() if v.device.type != "meta")
     assert misplaced == []
 
@@ -218,14 +224,14 @@ def test_laptop_model_is_small():
     assert sum(p.numel() for p in d.parameters()) < 10_000_000
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Fixed 2-D sin-cos positions
 
 
 def reference_pos_embed(D, g):
-    """MAE / DiT 2-D sin-cos, derived channel by channel: the first D/2 channels encode the column (x), the last
-    D/2 the row (y); within each half, channel j < D/4 is sin(pos w_j) and channel D/4 + j is cos(pos w_j), with
-    w_j = 10000^(-j / (D/4)). Token k sits at row k // g, column k % g."""
+    """MAE / DiT 2-D sin-cos, derived channel by channel: the first D/2 channels encode the column (x), the
+    last D/2 the row (y); within each half, channel j < D/4 is sin(pos w_j) and channel D/4 + j is cos(pos
+    w_j), with w_j = 10000^(-j / (D/4)). Token k sits at row k // g, column k % g."""
     token = np.arange(g * g)
     row, col = token // g, token % g
     out = np.zeros((g * g, D))
@@ -242,7 +248,8 @@ def reference_pos_embed(D, g):
 def test_sincos_pos_embed_matches_independent_derivation(D, g):
     got = model.sincos_pos_embed(D, g)
     assert got.shape == (g * g, D)
-    np.testing.assert_allclose(np.asarray(got, dtype=np.float64), reference_pos_embed(D, g), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(got, dtype=np.float64), reference_pos_embed(D, g), rtol=0,
+                               atol=1e-6)
 
 
 def test_pos_embed_matches_fixture_and_is_fixed(afm_ref, dit_config):
@@ -257,7 +264,7 @@ def test_pos_embed_matches_fixture_and_is_fixed(afm_ref, dit_config):
         assert "pos_embed" not in [n for n, p in net.named_parameters() if p.requires_grad]
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # DiT initialization
 
 
@@ -300,11 +307,12 @@ def test_fresh_discriminator_and_classifier_shapes(dit_config):
         assert 0.005 < c.cls_embed.std() < 0.04
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Depth repetition
 
 
-def unpatchify(tokens, p, C):  # (N, T, p*p*C) -> (N, C, H, W); token k = (row k // g, col k % g), patch (p, p, C)
+# (N, T, p*p*C) -> (N, C, H, W); token k = (row k // g, col k % g), patch (p, p, C)
+def unpatchify(tokens, p, C):
     N, T, _ = tokens.shape
     g = int(round(T ** 0.5))
     return tokens.reshape(N, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(N, C, g * p, g * p)

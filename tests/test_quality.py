@@ -40,7 +40,8 @@ def judge_file(tmp_path_factory):
     saved = data.load_idx_dataset
     data.load_idx_dataset = lambda name, folder, train=True, download=True: splits[train]
     try:
-        state = quality.train_judge("mnist", str(root), 16, steps=150, batch_size=32, log=lambda message: None)
+        state = quality.train_judge("mnist", str(root), 16, steps=150, batch_size=32,
+                                    log=lambda message: None)
     finally:
         data.load_idx_dataset = saved
     path = str(root / "judge.pt")
@@ -61,7 +62,8 @@ def test_judge_learns_its_training_set_and_stores_real_statistics(judge_file):
 def test_statistics_match_numpy():
     features = torch.randn(50, 6, dtype=torch.float64)
     mu, sigma = quality.statistics(features)
-    assert np.allclose(mu, features.numpy().mean(0)) and np.allclose(sigma, np.cov(features.numpy(), rowvar=False))
+    assert np.allclose(mu, features.numpy().mean(0))
+    assert np.allclose(sigma, np.cov(features.numpy(), rowvar=False))
 
 
 def test_sample_judge_scores_right_wrong_and_untrained_generators(judge_file):
@@ -72,10 +74,11 @@ def test_sample_judge_scores_right_wrong_and_untrained_generators(judge_file):
     judged = quality.SampleJudge(judge, state, (1, 16, 16), num_samples=40)
     good = judged(Painter(images))
     assert good["accuracy"] == 1.0 and good["accuracy_ratio"] == 1.0
-    wrong = judged(Painter(images, shift=3))  # every class drawn as another: same marginal, wrong conditioning
+    # every class drawn as another: same marginal, wrong conditioning
+    wrong = judged(Painter(images, shift=3))
     assert wrong["accuracy"] == 0.0
-    # The Frechet distance sees only the marginal. Not bit-equal: the features are summed in another order, and
-    # the covariance of 10 distinct images is singular, which the matrix square root amplifies to ~1e-5.
+    # The Frechet distance sees only the marginal. Not bit-equal: the features are summed in another order,
+    # and the covariance of 10 distinct images is singular, which the matrix square root amplifies to ~1e-5.
     assert wrong["fd"] == pytest.approx(good["fd"], rel=1e-4)
     untrained = judged(Painter(torch.zeros(10, 1, 16, 16)))  # mid-gray, what G draws at step 0
     assert untrained["fd_ratio"] == pytest.approx(1.0, abs=1e-6)

@@ -43,7 +43,8 @@ def test_one_step_is_one_generator_call(afm_ref, load_case):
 
 
 class FakeGenerator(torch.nn.Module):
-    """Records (x, y, s, t) of every call; returns x + 1 + s (so each step's input depends on the previous one)."""
+    """Records (x, y, s, t) of every call; returns x + 1 + s (so each step's input depends on the
+    previous one)."""
 
     def __init__(self):
         super().__init__()
@@ -83,5 +84,6 @@ def test_constant_velocity_integrates_exactly():
     torch.manual_seed(0)
     noise, v = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
     for nfe in (1, 2, 5):
-        out = sample_mod.sample(lambda x, y, s, t: v, noise, torch.zeros(3, dtype=torch.long), nfe=nfe, pred="v")
+        labels = torch.zeros(3, dtype=torch.long)
+        out = sample_mod.sample(lambda x, y, s, t: v, noise, labels, nfe=nfe, pred="v")
         assert torch.allclose(out, noise - v, atol=1e-5)

@@ -1,4 +1,5 @@
-"""toy.py: the exact W2-optimal map of the 1-D demonstration, the two measures, a short training run, the CLI."""
+"""toy.py: the exact W2-optimal map of the 1-D demonstration, the two measures, a short training
+run, the CLI."""
 
 import math
 import os
@@ -15,8 +16,8 @@ import toy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# A short run that still learns: toy.train(TEST_STEPS) ends at rms 0.13-0.17 from T for seeds 0-6, every one with
-# monotone_fraction 1 (the default 5,000 steps reach ~0.07-0.13). ~30 s on one core.
+# A short run that still learns: toy.train(TEST_STEPS) ends at rms 0.13-0.17 from T for seeds 0-6, every one
+# with monotone_fraction 1 (the default 5,000 steps reach ~0.07-0.13). ~30 s on one core.
 TEST_STEPS = 1500
 
 
@@ -39,7 +40,7 @@ def mixture_cdf_scalar(x):
     return sum(phi_scalar((x - mu) / 0.05) for mu in (-1.5, -0.5, 0.5, 1.5)) / 4
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The data distribution and the exact map
 
 
@@ -75,8 +76,10 @@ def test_optimal_map_pushes_the_prior_onto_the_data():
     assert torch.equal(toy.optimal_map(-z), -t)
     assert toy.optimal_map(torch.tensor([0.0])).item() == 0.0
     # the staircase: each prior quarter goes to one mode, in order
-    quarter_centres = torch.tensor([-1.1503, -0.3186, 0.3186, 1.1503], dtype=torch.float64)  # Phi^-1(1/8, ..., 7/8)
-    assert torch.allclose(toy.optimal_map(quarter_centres), torch.tensor(toy.MODES, dtype=torch.float64), atol=1e-3)
+    quarter_centres = torch.tensor([-1.1503, -0.3186, 0.3186, 1.1503],  # Phi^-1(1/8, ..., 7/8)
+                                   dtype=torch.float64)
+    assert torch.allclose(toy.optimal_map(quarter_centres), torch.tensor(toy.MODES, dtype=torch.float64),
+                          atol=1e-3)
 
 
 def test_optimal_map_samples_have_the_data_quantiles():
@@ -84,13 +87,13 @@ def test_optimal_map_samples_have_the_data_quantiles():
     pushed = toy.optimal_map(z).numpy()
     data = toy.sample_data(200_000, torch.Generator().manual_seed(2)).squeeze(1).double().numpy()
     # levels away from k/4, where the quantile function jumps across a gap between modes
-    levels = np.array([0.01, 0.05, 0.1, 0.15, 0.2, 0.3, 0.35, 0.4, 0.45, 0.55, 0.6, 0.65, 0.7, 0.8, 0.85, 0.9, 0.95,
-                       0.99])
+    levels = np.array([0.01, 0.05, 0.1, 0.15, 0.2, 0.3, 0.35, 0.4, 0.45, 0.55, 0.6, 0.65, 0.7, 0.8, 0.85,
+                       0.9, 0.95, 0.99])
     # sampling error of a quantile: sqrt(q(1 - q) / n) / density ~ 0.001 / 0.5 at worst here
     assert np.abs(np.quantile(pushed, levels) - np.quantile(data, levels)).max() < 0.01
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The measures, on maps whose values we know
 
 
@@ -121,38 +124,42 @@ def test_measures_on_known_maps():
     assert toy.monotone_fraction(z, shuffled) == 1.0
     # a strict tolerance sees the scrambled order inside the modes
     assert toy.monotone_fraction(z, shuffled, tolerance=0.0) < 0.9
-    # largest_fold: 0 for monotone maps; a mode swap folds by the mode spacing and more, the reversed map by ~3;
-    # any order inside the modes stays below a mode's extent (6 sigma = 0.3), the tolerance the training test uses
+    # largest_fold: 0 for monotone maps; a mode swap folds by the mode spacing and more, the reversed
+    # map by ~3; any order inside the modes stays below a mode's extent (6 sigma = 0.3), the
+    # tolerance the training test uses
     assert toy.largest_fold(z, t) == toy.largest_fold(z, z) == 0.0
     assert toy.largest_fold(z, swapped) > 1.0 and toy.largest_fold(z, reversed_map) > 3.0
     assert 0.2 < toy.largest_fold(z, shuffled) < 0.3
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Training
 
 
 def test_training_learns_the_optimal_map():
-    # seed 1 starts G decreasing (the plain GAN keeps that orientation): the OT term has to turn the map around
+    # seed 1 starts G decreasing (the plain GAN keeps that orientation): the OT term has to turn
+    # the map around
     initial = toy.generate(toy.train(steps=0, seed=1), toy.GRID)
     assert toy.monotone_fraction(toy.GRID, initial, tolerance=0.0) < 0.01
     G = toy.train(steps=TEST_STEPS, seed=1)
     x = toy.generate(G, toy.GRID)
-    # Every pair of samples lands in modes in the same order as their z: the monotone assignment of prior quarters
-    # to modes that only the W2-optimal map has (a GAN that reverses the modes scores 0.25, one swap 0.875).
+    # Every pair of samples lands in modes in the same order as their z: the monotone assignment of
+    # prior quarters to modes that only the W2-optimal map has (a GAN that reverses the modes
+    # scores 0.25, one swap 0.875).
     assert toy.monotone_fraction(toy.GRID, x) >= 0.99
-    # Tolerance 0.2, well below the identity map's 0.38, a two-mode swap's 0.7 and the mode spacing 1.0. The mode
-    # std is 0.05, so scrambling the order inside every mode costs only ~0.07 (test_measures_on_known_maps); the
-    # rest of the budget goes to where the map's three steps sit: T jumps by ~1 there, and steps off by dz in z cost
-    # ~sqrt(dz), so 0.2 allows dz ~ 0.03 (about 1% of the mass per jump in the neighbouring mode). This short run
-    # lands at 0.15 (0.13-0.17 over seeds 0-6).
+    # Tolerance 0.2, well below the identity map's 0.38, a two-mode swap's 0.7 and the mode spacing 1.0. The
+    # mode std is 0.05, so scrambling the order inside every mode costs only ~0.07
+    # (test_measures_on_known_maps); the rest of the budget goes to where the map's three steps sit: T jumps
+    # by ~1 there, and steps off by dz in z cost ~sqrt(dz), so 0.2 allows dz ~ 0.03 (about 1% of the mass per
+    # jump in the neighbouring mode). This short run lands at 0.15 (0.13-0.17 over seeds 0-6).
     assert toy.rms_to_optimal_map(toy.GRID, x) < 0.2
     # Monotone to within a mode's extent: next to each jump of T the map dips and overshoots inside the modes
-    # (the README's measurements: 0.11-0.19 after 5,000 steps, whatever the capacity of D or G), never by enough
-    # to move a sample into another mode.
+    # (the README's measurements: 0.11-0.19 after 5,000 steps, whatever the capacity of D or G), never by
+    # enough to move a sample into another mode.
     assert toy.largest_fold(toy.GRID, x) < 0.3
     # and the pushed-forward prior puts a quarter of its mass near each mode
-    samples = toy.generate(G, torch.randn(100_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    prior = torch.randn(100_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    samples = toy.generate(G, prior)
     nearest_mode = (samples[:, None] - torch.tensor(toy.MODES, dtype=torch.float64)).abs().argmin(1)
     mass_per_mode = torch.bincount(nearest_mode, minlength=4) / samples.numel()
     assert torch.allclose(mass_per_mode, torch.full((4,), 0.25), atol=0.03)
@@ -165,7 +172,7 @@ def test_training_is_deterministic():
     assert not torch.equal(toy.generate(first, toy.GRID), toy.generate(other_seed, toy.GRID))
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Command line
 
 
@@ -177,7 +184,8 @@ def test_cli_writes_the_map_the_figure_and_the_measures(tmp_path):
     assert result.returncode == 0, result.stderr
     last_line = result.stdout.strip().splitlines()[-1]
     number = r"(\d+\.\d+)"
-    match = re.fullmatch(f"rms_to_ot_map={number} monotone_fraction={number} largest_fold={number}", last_line)
+    match = re.fullmatch(f"rms_to_ot_map={number} monotone_fraction={number} largest_fold={number}",
+                         last_line)
     assert match, last_line
     rms, monotone, fold = float(match.group(1)), float(match.group(2)), float(match.group(3))
     assert rms >= 0 and 0 <= monotone <= 1 and fold >= 0

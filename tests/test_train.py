@@ -1,4 +1,5 @@
-"""train.py end to end, on small data in the real formats: a CIFAR-10-format archive and a PNG class folder."""
+"""train.py end to end, on small data in the real formats: a CIFAR-10-format archive and a PNG
+class folder."""
 
 import contextlib
 import json
@@ -52,8 +53,8 @@ def run_train(args):
 
 def test_short_run_writes_checkpoint_log_and_grid(cifar, tmp_path):
     out = tmp_path / "out"
-    state = run_train(["--data", "cifar10", "--data-path", cifar, "--out-dir", str(out), "--max-steps", "4", "--sample-every", "2",
-                       "--ckpt-every", "2", *FAST])
+    state = run_train(["--data", "cifar10", "--data-path", cifar, "--out-dir", str(out), "--max-steps", "4",
+                       "--sample-every", "2", "--ckpt-every", "2", *FAST])
     assert state["step"] == 4
     for key in ("G", "ema", "D", "gradnorm", "opt_g", "opt_d", "rng", "data", "config", "generator_kwargs"):
         assert key in state
@@ -90,7 +91,8 @@ def test_resume_is_bitwise_exact(cifar, tmp_path):
 
 
 def test_requires_grad_pattern_isolates_the_updates(cifar, tmp_path):
-    """A D update leaves G untouched (no_grad), a G update leaves D untouched (frozen), and D is trainable again."""
+    """A D update leaves G untouched (no_grad), a G update leaves D untouched (frozen), and D is
+    trainable again."""
     args = train.parse_args(["--data", "cifar10", "--data-path", cifar, "--out-dir", str(tmp_path), *FAST])
     g_kwargs, d_kwargs = train.network_kwargs(args, 3, 32, 10)
     nets = train.build_nets(args, g_kwargs, d_kwargs, torch.device("cpu"), distributed=False)
@@ -123,7 +125,8 @@ def test_ot_scale_schedule():
 def test_paper_defaults_for_imagenet():
     args = train.parse_args(["--data", "imagenet", "--data-path", "latents.npy"])
     assert (args.model, args.batch_size, args.lr, args.ema_decay) == ("XL/2", 256, 1e-4, 0.9999)
-    assert (args.ot_start, args.ot_end, args.gp_scale, args.cp_scale, args.gp_eps) == (0.2, 0.005, 0.25, 0.01, 0.01)
+    assert (args.ot_start, args.ot_end, args.gp_scale, args.cp_scale, args.gp_eps) == \
+        (0.2, 0.005, 0.25, 0.01, 0.01)
     assert (args.pred, args.grad_clip) == ("x", 50.0)
     multi = train.parse_args(["--data", "imagenet", "--nfe", "2"])
     assert (multi.pred, multi.ot_start, multi.grad_clip) == ("v", 0.25, 5.0)
@@ -133,8 +136,8 @@ def test_paper_defaults_for_imagenet():
 
 @pytest.mark.parametrize("nfe", ["2", "any"])
 def test_multistep_runs(cifar, tmp_path, nfe):
-    state = run_train(["--data", "cifar10", "--data-path", cifar, "--out-dir", str(tmp_path), "--max-steps", "2", "--nfe", nfe,
-                       "--sample-every", "2", *FAST])
+    state = run_train(["--data", "cifar10", "--data-path", cifar, "--out-dir", str(tmp_path),
+                       "--max-steps", "2", "--nfe", nfe, "--sample-every", "2", *FAST])
     assert state["generator_kwargs"]["use_t_src"] and state["discriminator_kwargs"]["use_t"]
     assert state["generator_kwargs"]["use_t_tgt"] == (nfe == "any")
     assert state["config"]["pred"] == "v"
@@ -146,8 +149,9 @@ def test_torchrun_two_processes_keep_identical_parameters(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(ROOT / "tests" / "ddp_worker.py"), "--data", "folder", "--data-path", folder, "--image-size", "32",
-         "--out-dir", str(out), "--max-steps", "3", "--sample-every", "3", "--device", "cpu", *FAST],
+         str(ROOT / "tests" / "ddp_worker.py"), "--data", "folder", "--data-path", folder,
+         "--image-size", "32", "--out-dir", str(out), "--max-steps", "3", "--sample-every", "3",
+         "--device", "cpu", *FAST],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]

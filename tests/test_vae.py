@@ -1,7 +1,7 @@
 """vae.py against diffusers' AutoencoderKL (sd-vae-ft-mse layout) with seeded random weights.
 
-tests/data/vae_reference.pt was made by running diffusers on weights drawn by the rule that `seeded_state_dict`
-rebuilds: numpy RandomState(seed), walking `keys_shapes` in order, one draw per key.
+tests/data/vae_reference.pt was made by running diffusers on weights drawn by the rule that
+`seeded_state_dict` rebuilds: numpy RandomState(seed), walking `keys_shapes` in order, one draw per key.
 """
 
 import os
@@ -15,12 +15,14 @@ import vae
 
 REFERENCE = os.path.join(os.path.dirname(__file__), "data", "vae_reference.pt")
 
-# float32 through ~30 conv layers: observed max abs error ~3e-6 (encoder) and ~1.5e-5 (decoder, outputs up to ~2.6)
+# float32 through ~30 conv layers: observed max abs error ~3e-6 (encoder) and ~1.5e-5
+# (decoder, outputs up to ~2.6)
 ATOL, RTOL = 5e-5, 1e-5
 
 
 def seeded_state_dict(keys_shapes, seed):
-    """biases N(0,1)*0.05; 1-D (GroupNorm) weights U(0.8,1.2); other weights N(0,1)*sqrt(1/fan_in); float32."""
+    """biases N(0,1)*0.05; 1-D (GroupNorm) weights U(0.8,1.2); other weights
+    N(0,1)*sqrt(1/fan_in); float32."""
     rng = np.random.RandomState(seed)
     state_dict = {}
     for name, shape in keys_shapes:
@@ -108,7 +110,8 @@ def test_matches_diffusers(outputs, reference):
 @pytest.mark.parametrize("conv_kernels", [False, True])
 def test_legacy_attention_keys_give_identical_outputs(outputs, state_dict, reference, conv_kernels):
     legacy = to_legacy(state_dict, conv_kernels)
-    assert "encoder.mid_block.attentions.0.proj_attn.weight" in legacy and not any(".to_q." in k for k in legacy)
+    assert "encoder.mid_block.attentions.0.proj_attn.weight" in legacy
+    assert not any(".to_q." in k for k in legacy)
     for ours, expected in zip(run(build(legacy), reference), outputs):
         assert torch.equal(ours, expected)
 
@@ -142,7 +145,8 @@ def test_wrong_keys_and_shapes_name_the_key(tmp_path, state_dict):
         m.load_state_dict(renamed)
 
     reshaped = dict(state_dict, **{"quant_conv.weight": torch.zeros(8, 4, 1, 1)})
-    with pytest.raises(vae.VAEError, match=r"'quant_conv\.weight' has shape \(8, 4, 1, 1\), expected \(8, 8, 1, 1\)"):
+    with pytest.raises(vae.VAEError,
+                       match=r"'quant_conv\.weight' has shape \(8, 4, 1, 1\), expected \(8, 8, 1, 1\)"):
         m.load_state_dict(reshaped)
 
     extra = dict(state_dict, **{"encoder.extra.weight": torch.zeros(1)})
@@ -180,7 +184,8 @@ def test_cli_extracts_both_flips(tmp_path, weights_file, model):
             Image.fromarray(pixels).save(tmp_path / "images" / cls / f"{i}.png")
     out = tmp_path / "latents.npy"
     argv = ["--weights", weights_file, "--data-path", str(tmp_path / "images"), "--out", str(out)]
-    assert vae.main(argv + ["--image-size", "16", "--batch-size", "3", "--workers", "0", "--device", "cpu"]) == 0
+    flags = ["--image-size", "16", "--batch-size", "3", "--workers", "0", "--device", "cpu"]
+    assert vae.main(argv + flags) == 0
 
     records = np.load(out, mmap_mode="r")
     assert records.dtype == np.dtype([("latent", "<f2", (2, 4, 2, 2)), ("label", "<i8")])
