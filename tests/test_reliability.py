@@ -1,14 +1,16 @@
-"""Reliability and security, as a user sees them: nothing lost on a crash, a preemption, a divergence or bad input,
-and no code runs from a checkpoint.
+"""Reliability and security, as a user sees them: nothing lost on a crash, a preemption, a divergence or bad
+input, and no code runs from a checkpoint.
 
-Everything about exit codes, signals and stderr runs the real command line (`python train.py ...`, `sample.py`,
-`fid.py`) in a subprocess with OMP_NUM_THREADS=1, then checks what the user sees (the exit code; one line on stderr
-that starts with "error:"; no traceback) and what is left on disk. Training runs use a tiny model (T/4 on 16x16
-PNGs, batch 8), so a step takes a fraction of a second; most of the time goes to starting Python and torch.
+Everything about exit codes, signals and stderr runs the real command line (`python train.py ...`,
+`sample.py`, `fid.py`) in a subprocess with OMP_NUM_THREADS=1, then checks what the user sees (the exit code;
+one line on stderr that starts with "error:"; no traceback) and what is left on disk. Training runs use a
+tiny model (T/4 on 16x16 PNGs, batch 8), so a step takes a fraction of a second; most of the time goes to
+starting Python and torch.
 """
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -25,7 +27,9 @@ from PIL import Image
 
 import checkpoint
 import data
+import fid
 import train
+import vae
 from model import MODELS, Generator
 from synthetic import make_images
 
@@ -36,7 +40,7 @@ TIMEOUT = 600  # seconds for one command: generous, the test machine is often sh
 SIGNAL_PROMPTLY = 20  # seconds within which a second signal must end the process, on a busy machine
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Helpers
 
 
@@ -56,14 +60,15 @@ def stderr_lines(stderr):
 
 
 def assert_one_line_error(result, *fragments, code=2):
-    """Exit code `code`, exactly one line on stderr mentioning "error:", which starts with it and contains every
-    fragment (case-insensitive), and no traceback. Returns that line."""
+    """Exit code `code`, exactly one line on stderr mentioning "error:", which starts with it and contains
+    every fragment (case-insensitive), and no traceback. Returns that line."""
     tail = result.stderr[-3000:]
     assert result.returncode == code, f"exit code {result.returncode}, expected {code}; stderr:\n{tail}"
     assert "Traceback" not in result.stderr, f"a traceback reached the user:\n{tail}"
     lines = [line for line in stderr_lines(result.stderr) if "error:" in line.lower()]
     assert len(lines) == 1, f"expected one error line, got {len(lines)}: {lines}"
-    assert lines[0].startswith("error:"), f"the error line does not start with 'error:' (a progress bar?): {lines[0]!r}"
+    assert lines[0].startswith("error:"), \
+        f"the error line does not start with 'error:' (a progress bar?): {lines[0]!r}"
     for fragment in fragments:
         assert str(fragment).lower() in lines[0].lower(), f"{fragment!r} not in {lines[0]!r}"
     assert "error:" not in result.stdout
@@ -86,8 +91,9 @@ def images(tmp_path_factory):
 
 def tiny(images, out_dir, *extra):
     """train.py arguments for a tiny, fast run on the PNG folder."""
-    return ["--data", "folder", "--data-path", images, "--image-size", "16", "--model", "T/4", "--batch-size", "8",
-            "--num-workers", "0", "--sample-every", "100000", "--log-every", "1", "--out-dir", out_dir, *extra]
+    return ["--data", "folder", "--data-path", images, "--image-size", "16", "--model", "T/4",
+            "--batch-size", "8", "--num-workers", "0", "--sample-every", "100000", "--log-every", "1",
+            "--out-dir", out_dir, *extra]
 
 
 def tensors_finite(obj):
@@ -111,7 +117,8 @@ def assert_complete_checkpoint(path):
 
 
 def assert_identical(a, b, where="state"):
-    """Every tensor equal (torch.equal, same dtype), every other value ==, through nested dicts, lists, tuples."""
+    """Every tensor equal (torch.equal, same dtype), every other value ==, through nested dicts,
+    lists, tuples."""
     if isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
     elif isinstance(a, dict):
@@ -133,7 +140,8 @@ class Background:
         log_dir.mkdir(parents=True, exist_ok=True)
         self.stderr_path = log_dir / f"stderr{time.monotonic_ns()}"
         with open(log_dir / "stdout", "a") as stdout, open(self.stderr_path, "w") as stderr:
-            self.proc = subprocess.Popen(command("train.py", *args), cwd=ROOT, env=ENV, stdout=stdout, stderr=stderr)
+            self.proc = subprocess.Popen(command("train.py", *args), cwd=ROOT, env=ENV, stdout=stdout,
+                                         stderr=stderr)
 
     @property
     def stderr(self):
@@ -209,7 +217,7 @@ def copy_checkpoint(trained, tmp_path):
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Bad input: exit code 2, one line, nothing written where it should not be
 
 
@@ -238,8 +246,8 @@ def test_empty_folder(tmp_path):
 
 
 def test_cifar10_offline_says_where_to_put_the_archive(tmp_path):
-    """No network (every URL goes to a proxy on a closed port): the line names the URL and where the archive goes,
-    and no partial download is left behind."""
+    """No network (every URL goes to a proxy on a closed port): the line names the URL and where the archive
+    goes, and no partial download is left behind."""
     root = tmp_path / "cifar"
     root.mkdir()
     proxy = "http://127.0.0.1:9"
@@ -259,14 +267,17 @@ def test_batch_size_not_divisible_by_world_size_in_process(images, tmp_path):
     args = train.parse_args(tiny(str(images), str(tmp_path / "out"), "--batch-size", "3"))
     with pytest.raises(data.DataError, match="divisible"):
         train.validate(args, world_size=2)
-    train.validate(train.parse_args(tiny(str(images), str(tmp_path / "out"), "--batch-size", "4")), world_size=2)
+    args = train.parse_args(tiny(str(images), str(tmp_path / "out"), "--batch-size", "4"))
+    train.validate(args, world_size=2)
 
 
 def test_batch_size_not_divisible_under_torchrun(images, tmp_path):
-    """Two processes, --batch-size 3: exit code != 0 and the message once (not once per rank). torchrun adds its
-    own report (ChildFailedError, with the launcher's traceback) after it: that part is torchrun's, not ours."""
+    """Two processes, --batch-size 3: exit code != 0 and the message once (not once per rank).
+    torchrun adds its own report (ChildFailedError, with the launcher's traceback) after it: that part
+    is torchrun's, not ours."""
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(ROOT / "train.py"),
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(ROOT / "train.py"),
          *map(str, tiny(images, tmp_path / "out", "--batch-size", "3", "--device", "cpu"))],
         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=TIMEOUT)
     assert result.returncode != 0
@@ -311,7 +322,8 @@ def test_resume_without_checkpoint(images, tmp_path):
 
 
 def test_resume_from_random_bytes(images, tmp_path):
-    """A damaged file is corrupt, not a security threat: the line must say so, and the file stays for inspection."""
+    """A damaged file is corrupt, not a security threat: the line must say so, and the file stays for
+    inspection."""
     out = tmp_path / "out"
     out.mkdir()
     garbage = np.random.RandomState(0).bytes(4096)
@@ -324,8 +336,8 @@ def test_resume_from_random_bytes(images, tmp_path):
 
 def test_damaged_checkpoints_are_reported_as_corrupt(trained, tmp_path):
     """In-process, many damaged files: random bytes of random lengths, and the real checkpoint cut at several
-    points. Each must raise CheckpointError saying the file is corrupt: never another exception (which the user
-    would see as a traceback), never a claim that it is a pickle that would run code."""
+    points. Each must raise CheckpointError saying the file is corrupt: never another exception (which the
+    user would see as a traceback), never a claim that it is a pickle that would run code."""
     path, rng = tmp_path / "ckpt.pt", np.random.RandomState(0)
     whole = (trained / "ckpt.pt").read_bytes()
     damaged = [("random", rng.bytes(int(n))) for n in rng.randint(1, 8192, 200)]
@@ -355,15 +367,16 @@ def test_resume_from_truncated_checkpoint(images, trained, tmp_path):
 
 
 def test_another_model_names_the_first_mismatching_key(images, trained, tmp_path):
-    """--init-from a checkpoint of another model: the line names the first key that does not fit. --resume with
-    another model is refused before any weights are compared (the model cannot change on resume)."""
+    """--init-from a checkpoint of another model: the line names the first key that does not fit. --resume
+    with another model is refused before any weights are compared (the model cannot change on resume)."""
     out = copy_checkpoint(trained, tmp_path)
     before = (out / "ckpt.pt").read_bytes()
     state = checkpoint.load(out / "ckpt.pt")
     other = Generator(**dict(state["generator_kwargs"], **MODELS["T/2"])).state_dict()
     first = next(key for key, value in other.items()
                  if key not in state["G"] or state["G"][key].shape != value.shape)
-    result = run("train.py", *tiny(images, tmp_path / "new"), "--init-from", out / "ckpt.pt", "--model", "T/2")
+    result = run("train.py", *tiny(images, tmp_path / "new"), "--init-from", out / "ckpt.pt",
+                 "--model", "T/2")
     assert_one_line_error(result, "does not fit", f"'{first}'")
     result = run("train.py", *tiny(images, out), "--resume", "--model", "T/2")
     assert_one_line_error(result, "--model", "cannot change on --resume", "T/4", "T/2")
@@ -409,7 +422,7 @@ def test_vae_weights_with_wrong_keys(tmp_path):
     assert_one_line_error(result, str(weights), "key")
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # No code runs from a checkpoint
 
 
@@ -438,12 +451,8 @@ def test_resume_refuses_a_code_executing_pickle(images, tmp_path):
 @pytest.mark.parametrize("loader", ["checkpoint.load", "fid.load_inception", "vae.load_vae"])
 def test_no_loader_runs_a_pickle_payload(tmp_path, loader):
     """Every place that reads weights: checkpoint.load (resume, --init-from, --d-reload, sample.py), the FID
-    Inception and the VAE, each given the payload in torch's zip and legacy formats and as a plain pickle. Each
-    refuses with its own one-line error, and the payload never runs."""
-    import pickle
-
-    import fid
-    import vae
+    Inception and the VAE, each given the payload in torch's zip and legacy formats and as a plain pickle.
+    Each refuses with its own one-line error, and the payload never runs."""
     load, error = {"checkpoint.load": (checkpoint.load, checkpoint.CheckpointError),
                    "fid.load_inception": (fid.load_inception, fid.FidError),
                    "vae.load_vae": (vae.load_vae, vae.VAEError)}[loader]
@@ -461,13 +470,13 @@ def test_no_loader_runs_a_pickle_payload(tmp_path, loader):
         assert "\n" not in message, f"{loader}, {form} file: the message is not one line: {message!r}"
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Crash (SIGKILL), preemption (SIGTERM), divergence
 
 
 def test_sigkill_at_any_time_leaves_a_loadable_checkpoint_and_resume_finishes(images, tmp_path, background):
-    """kill -9 three times (once in the middle of writing a checkpoint, twice at seeded random moments after one),
-    resuming in between: ckpt.pt always loads and is complete, and the last resume runs to the end."""
+    """kill -9 three times (once in the middle of writing a checkpoint, twice at seeded random moments after
+    one), resuming in between: ckpt.pt always loads and is complete, and the last resume runs to the end."""
     out, max_steps = tmp_path / "out", 8
     args = tiny(images, out, "--max-steps", max_steps, "--ckpt-every", "1")
     ckpt, rng, last_step = out / "ckpt.pt", random.Random(1234), 0
@@ -475,7 +484,8 @@ def test_sigkill_at_any_time_leaves_a_loadable_checkpoint_and_resume_finishes(im
         process = background(args + (["--resume"] if kill else []))
         previous = file_id(ckpt)
         process.wait_until(lambda: file_id(ckpt) not in (None, previous), "a new ckpt.pt")
-        if kill == 0:  # in the middle of writing the next one (killed runs leave their temporary files behind)
+        # kill == 0: in the middle of writing the next one (killed runs leave their temporary files behind)
+        if kill == 0:
             stale = set(temp_files(out))
             process.wait_until(lambda: set(temp_files(out)) - stale, "a checkpoint being written", poll=0.001)
         else:
@@ -491,8 +501,8 @@ def test_sigkill_at_any_time_leaves_a_loadable_checkpoint_and_resume_finishes(im
 
 
 def test_sigterm_saves_and_the_resumed_run_is_bitwise_identical(images, trained, tmp_path, background):
-    """The same run as `trained`, stopped by SIGTERM after its first logged step and resumed: every tensor of the
-    final state equals the uninterrupted run's."""
+    """The same run as `trained`, stopped by SIGTERM after its first logged step and resumed: every tensor of
+    the final state equals the uninterrupted run's."""
     steps = TRAINED[1]
     b = tmp_path / "b"
     process = background(tiny(images, b, *TRAINED))
@@ -516,14 +526,16 @@ def test_a_second_signal_exits_at_once(images, tmp_path, background):
     process = background(tiny(images, out, "--max-steps", "100000", "--ckpt-every", "100000"))
     process.wait_until(lambda: log_steps(out) >= 1, "a logged step")
     process.proc.send_signal(signal.SIGTERM)
-    process.wait_until(lambda: "saving after this step" in process.stderr, "the first signal's message", timeout=60)
+    process.wait_until(lambda: "saving after this step" in process.stderr, "the first signal's message",
+                       timeout=60)
     process.proc.send_signal(signal.SIGTERM)
     sent = time.monotonic()
     try:
         code = process.wait(timeout=SIGNAL_PROMPTLY)
     except subprocess.TimeoutExpired:
         pytest.fail(f"still running {SIGNAL_PROMPTLY} s after the second SIGTERM")
-    # 128 + SIGTERM when the second signal arrived mid-step or mid-save, 0 if the first one's save had finished
+    # 128 + SIGTERM when the second signal arrived mid-step or mid-save, 0 if the first one's save
+    # had finished
     assert code in (0, 128 + signal.SIGTERM), process.stderr[-3000:]
     assert time.monotonic() - sent < SIGNAL_PROMPTLY
     if (out / "ckpt.pt").exists():  # whatever is there is whole
@@ -531,8 +543,8 @@ def test_a_second_signal_exits_at_once(images, tmp_path, background):
 
 
 def test_divergence_stops_with_exit_3_and_keeps_the_checkpoint_finite(images, tmp_path):
-    """--lr 1e30: the first D update blows D's weights up to ~1e30, and from then on G's loss (step 1) and every
-    loss is NaN. --max-bad-steps 2: the run stops at step 2."""
+    """--lr 1e30: the first D update blows D's weights up to ~1e30, and from then on G's loss (step 1) and
+    every loss is NaN. --max-bad-steps 2: the run stops at step 2."""
     out = tmp_path / "out"
     result = run("train.py", *tiny(images, out, "--max-steps", "100", "--ckpt-every", "1", "--lr", "1e30",
                                    "--max-bad-steps", "2"))
@@ -543,21 +555,23 @@ def test_divergence_stops_with_exit_3_and_keeps_the_checkpoint_finite(images, tm
 
 
 def test_divergence_names_the_last_good_checkpoint_and_keeps_it(images, trained, tmp_path):
-    """Resume the 4-step run with --gp-scale 1e30 (every D gradient is inf from then on): steps 5 and 6 are bad and
-    the run stops at step 6 (--max-bad-steps 2). The last good checkpoint is step 4's; the checkpoints a bad streak
-    would write must not replace it (they hold whatever the bad steps did, e.g. the 1e30 weights of --lr 1e30)."""
+    """Resume the 4-step run with --gp-scale 1e30 (every D gradient is inf from then on): steps 5 and 6 are
+    bad and the run stops at step 6 (--max-bad-steps 2). The last good checkpoint is step 4's; the
+    checkpoints a bad streak would write must not replace it (they hold whatever the bad steps did, e.g. the
+    1e30 weights of --lr 1e30)."""
     out = copy_checkpoint(trained, tmp_path)
     good = (out / "ckpt.pt").read_bytes()
-    result = run("train.py", *tiny(images, out, "--max-steps", "100", "--ckpt-every", "1", "--gp-scale", "1e30",
-                                   "--max-bad-steps", "2"), "--resume")
+    result = run("train.py", *tiny(images, out, "--max-steps", "100", "--ckpt-every", "1",
+                                   "--gp-scale", "1e30", "--max-bad-steps", "2"), "--resume")
     assert result.returncode == 3, result.stderr[-3000:]
     assert_complete_checkpoint(out / "ckpt.pt")
-    assert checkpoint.load(out / "ckpt.pt")["step"] == 4, "the last good checkpoint was replaced during the bad steps"
+    assert checkpoint.load(out / "ckpt.pt")["step"] == 4, \
+        "the last good checkpoint was replaced during the bad steps"
     assert (out / "ckpt.pt").read_bytes() == good
     assert_one_line_error(result, "non-finite", "step 6", str(out / "ckpt.pt"), "step 4", code=3)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Resuming with other flags; the classifier's command line; guidance defaults
 
 
@@ -578,8 +592,8 @@ def test_resume_takes_a_new_learning_rate_and_config_records_what_runs(images, t
 
 
 def test_resume_refuses_to_change_what_the_checkpoint_depends_on(images, trained, tmp_path):
-    """The batch size fixes the data position and the random streams: a new one is one line and exit 2, and the
-    checkpoint is left as it was. Repeating the same value (tiny() passes --model T/4 again) is fine."""
+    """The batch size fixes the data position and the random streams: a new one is one line and exit 2, and
+    the checkpoint is left as it was. Repeating the same value (tiny() passes --model T/4 again) is fine."""
     out = copy_checkpoint(trained, tmp_path)
     before = (out / "ckpt.pt").read_bytes()
     result = run("train.py", *tiny(images, out, "--max-steps", 6, "--batch-size", 4), "--resume")
@@ -587,12 +601,14 @@ def test_resume_refuses_to_change_what_the_checkpoint_depends_on(images, trained
     assert (out / "ckpt.pt").read_bytes() == before and not (out / "config.json").exists()
 
 
-CLASSIFIER = ("--data", "folder", "--image-size", "16", "--model", "T/4", "--batch-size", "8", "--num-workers", "0")
+CLASSIFIER = ("--data", "folder", "--image-size", "16", "--model", "T/4", "--batch-size", "8",
+              "--num-workers", "0")
 
 
 def test_classifier_divergence_exits_3_through_both_commands(images, tmp_path):
-    """`python train.py --train-classifier` forwards to `python classifier.py`; a diverging classifier run is one
-    `error:` line and exit code 3 through either (train.py used to import itself twice and miss the exception)."""
+    """`python train.py --train-classifier` forwards to `python classifier.py`; a diverging
+    classifier run is one `error:` line and exit code 3 through either (train.py used to import
+    itself twice and miss the exception)."""
     flags = [*CLASSIFIER, "--data-path", images, "--max-steps", "50", "--lr", "1e30", "--max-bad-steps", "2"]
     for result in (run("train.py", "--train-classifier", *flags, "--out-dir", tmp_path / "alias"),
                    run("classifier.py", *flags, "--out-dir", tmp_path / "direct")):
@@ -600,9 +616,10 @@ def test_classifier_divergence_exits_3_through_both_commands(images, tmp_path):
 
 
 def test_multistep_guidance_defaults_to_the_papers_target_times(images, tmp_path):
-    """`--nfe 2 --classifier C.pt --cg-scale 0.02` without --cg-target-times guides at t in {0} (Table 11); for a
-    step count the paper gives none for, the run stops with one line that says what to pass."""
-    made = run("classifier.py", *CLASSIFIER, "--data-path", images, "--max-steps", "1", "--out-dir", tmp_path / "c")
+    """`--nfe 2 --classifier C.pt --cg-scale 0.02` without --cg-target-times guides at t in {0} (Table 11);
+    for a step count the paper gives none for, the run stops with one line that says what to pass."""
+    made = run("classifier.py", *CLASSIFIER, "--data-path", images, "--max-steps", "1",
+               "--out-dir", tmp_path / "c")
     assert made.returncode == 0, made.stderr[-3000:]
     guided = ("--classifier", tmp_path / "c" / "classifier.pt", "--cg-scale", "0.02")
     out = tmp_path / "nfe2"
@@ -614,13 +631,13 @@ def test_multistep_guidance_defaults_to_the_papers_target_times(images, tmp_path
     assert_one_line_error(result, "--cg-target-times", "--nfe 3", "0, 0.333333, 0.666667")
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Corrupt images, --keep
 
 
 def test_corrupt_images_are_skipped_and_named(images, tmp_path):
-    """6 good images and 2 bad ones (random bytes; a PNG cut in half), batch 8: every epoch meets both bad files,
-    and each is named once."""
+    """6 good images and 2 bad ones (random bytes; a PNG cut in half), batch 8: every epoch meets both bad
+    files, and each is named once."""
     folder = tmp_path / "images"
     for path in sorted(images.glob("class[0-5]/*.png"))[::2]:
         (folder / path.parent.name).mkdir(parents=True)
