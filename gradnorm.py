@@ -1,9 +1,9 @@
 """Gradient normalization: an identity in the forward pass that normalizes the gradient in the backward pass.
 
-Why (paper sec. 3.4, eqs. 22-23, App. G): the adversarial gradient that reaches G's output, dL_adv/dG(z), changes
-scale with D's architecture, initialization and penalty strength. Adam hides that scale from the parameters, but
-in AFM it matters: it sets the balance between the adversarial term and the OT term lambda_ot * ||G(z) - z||^2.
-Placing phi() between G's output and D,
+Why (paper sec. 3.4, eqs. 22-23, App. G): the adversarial gradient that reaches G's output, dL_adv/dG(z),
+changes scale with D's architecture, initialization and penalty strength. Adam hides that scale from the
+parameters, but in AFM it matters: it sets the balance between the adversarial term and the OT term
+lambda_ot * ||G(z) - z||^2. Placing phi() between G's output and D,
 
     L_adv = f(D(phi(G(z))), D(x)),   phi(v) = v,   backward: g -> g / sqrt(EMA_beta(||g||^2 * numel(g))),
 

@@ -1,21 +1,22 @@
 """The AFM objective: one small function per term, then the discriminator and generator objectives.
 
-Time convention: t = 0 is data, t = 1 is noise, x_t = (1 - t) x + t z (eq. 15). A generator maps x_s at a source
-time s to a target time t; the 1-NFE generator maps pure noise (s = 1) to data (t = 0).
+Time convention: t = 0 is data, t = 1 is noise, x_t = (1 - t) x + t z (eq. 15). A generator maps x_s at a
+source time s to a target time t; the 1-NFE generator maps pure noise (s = 1) to data (t = 0).
 
 Discriminator step (eqs. 13, 16, 18, 19):
     L_D = f(D(x_t), D(G(x_s))) + lambda_gp * [w R1 + w R2] + lambda_cp * (D(x_t) + D(G(x_s)))^2
 Generator step (eqs. 14, 17, 20, 26):
     L_G = f(D(phi(G(x_s))), D(x_t)) + lambda_ot * ||G(x_s) - x_s||^2 / (n w) [+ lambda_cg * CE(C(x_t'), y)]
-with f(a, b) = softplus(-(a - b)) the relativistic pairing loss, R1/R2 the finite-difference gradient penalties,
-phi the gradient normalization of gradnorm.py, and w = max(|s - t|, 0.001) (eq. 21), which is 1 for 1-NFE.
+with f(a, b) = softplus(-(a - b)) the relativistic pairing loss, R1/R2 the finite-difference gradient
+penalties, phi the gradient normalization of gradnorm.py, and w = max(|s - t|, 0.001) (eq. 21),
+which is 1 for 1-NFE.
 """
 
 import torch
 import torch.nn.functional as F
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Times
 
 
@@ -46,14 +47,15 @@ def time_weight(s, t, floor=1e-3):
 
 def predict(G, x_src, y, s, t, pred):
     """One generator step x_s -> x_t. pred "x": G outputs x_t directly (eq. 31 without the residual, used for
-    1-NFE); pred "v": residual / velocity form x_t = x_s - (s - t) g(x_s, s, t) (eq. 32, used for multi-step)."""
+    1-NFE); pred "v": residual / velocity form x_t = x_s - (s - t) g(x_s, s, t)
+    (eq. 32, used for multi-step)."""
     out = G(x_src, y, s, t)
     if pred == "x":
         return out
     return x_src - (s - t).view(-1, 1, 1, 1) * out
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The terms
 
 
@@ -64,18 +66,20 @@ def relativistic_loss(pos, neg):
 
 
 def gradient_penalty(logits, logits_perturbed, eps, weight):
-    """Finite-difference R1 / R2 (eqs. 3-6, 18-19): E[w (D(x + eps n) - D(x))^2 / eps^2] ~ E[w ||grad_x D||^2].
-    One extra forward instead of a double backward."""
+    """Finite-difference R1 / R2 (eqs. 3-6, 18-19): E[w (D(x + eps n) - D(x))^2 / eps^2]
+    ~ E[w ||grad_x D||^2]. One extra forward instead of a double backward."""
     return (weight * (logits_perturbed - logits).square() / eps**2).mean()
 
 
 def centering_penalty(logits_real, logits_fake):
-    """(D(x) + D(G(z)))^2 (eq. 7): the relativistic loss only sees differences, so this keeps logits near 0."""
+    """(D(x) + D(G(z)))^2 (eq. 7): the relativistic loss only sees differences,
+    so this keeps logits near 0."""
     return (logits_real + logits_fake).square().mean()
 
 
 def ot_loss(x_pred, x_src, weight):
-    """(1/n) ||G(x_s) - x_s||^2 / w (eqs. 11-12, 20): mean over C, H, W, divided by w, then mean over the batch."""
+    """(1/n) ||G(x_s) - x_s||^2 / w (eqs. 11-12, 20): mean over C, H, W, divided by w,
+    then mean over the batch."""
     return ((x_pred - x_src).square().flatten(1).mean(1) / weight).mean()
 
 
@@ -87,7 +91,7 @@ def classifier_guidance_loss(classifier, fake, y, t_lo, t_hi):
     return F.cross_entropy(classifier(x_cg, t_cg), y)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The two objectives
 
 
@@ -132,9 +136,10 @@ def generator_objective(G, D, gradnorm, x, y, nfe=1, pred="x", ot_scale=0.2, aug
     normalization sits only on the fake path into D; the OT term sees the un-augmented G output.
     guidance: an optional callable (fake, y, t) -> loss already scaled by lambda_cg.
 
-    D sees real and fake in two calls, the real one under no_grad. One call on [real, fake] would give the same
-    logits (D has no batch statistics), but its backward would carry gradients through D for the real half too,
-    only to drop them: 3 instead of 4 D passes over B samples, and no stored activations for the real half."""
+    D sees real and fake in two calls, the real one under no_grad. One call on [real, fake] would give the
+    same logits (D has no batch statistics), but its backward would carry gradients through D for the real
+    half too, only to drop them: 3 instead of 4 D passes over B samples,
+    and no stored activations for the real half."""
     x_src, real, s, t, w = make_pairs(x, nfe)
     fake = predict(G, x_src, y, s, t, pred)
     fake_for_d = gradnorm(fake)

@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Embedders
 
 
@@ -41,7 +41,8 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, hidden_size, frequency_size=256):
         super().__init__()
         self.frequency_size = frequency_size
-        self.mlp = nn.Sequential(nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+        self.mlp = nn.Sequential(nn.Linear(frequency_size, hidden_size), nn.SiLU(),
+                                 nn.Linear(hidden_size, hidden_size))
 
     def forward(self, t):  # t: (N,) -> (N, hidden_size)
         half = self.frequency_size // 2
@@ -76,7 +77,8 @@ class PatchEmbed(nn.Module):
 def sincos_pos_embed(hidden_size, grid_size):
     """Fixed 2-D sin-cos position embedding, (grid_size**2, hidden_size), as in MAE and DiT.
 
-    Half the channels encode the column, half the row; within each half, [sin, cos] at omega_k = 10000^(-k/(D/4)).
+    Half the channels encode the column, half the row; within each half, [sin, cos] at
+    omega_k = 10000^(-k/(D/4)).
     """
     quarter = hidden_size // 4
     omega = 1.0 / 10000 ** (np.arange(quarter, dtype=np.float64) / quarter)  # (D/4,)
@@ -90,7 +92,7 @@ def sincos_pos_embed(hidden_size, grid_size):
     return np.concatenate([encode(cols.reshape(-1)), encode(rows.reshape(-1))], axis=1).astype(np.float32)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Transformer block with adaLN-Zero
 
 
@@ -135,7 +137,8 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
     def forward(self, x, c):  # x: (N, T, D), c: (N, D)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        (shift_msa, scale_msa, gate_msa,
+         shift_mlp, scale_mlp, gate_mlp) = self.adaLN_modulation(c).chunk(6, dim=1)
         x = x + gate_msa[:, None] * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
         x = x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
@@ -155,7 +158,7 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The backbone
 
 
@@ -178,7 +181,8 @@ class DiT(nn.Module):
         return self.x_embedder(x) + self.pos_embed
 
     def initialize_weights(self):
-        """DiT's initialization: xavier-uniform linears, zero biases, N(0, 0.02) embeddings, zero adaLN outputs."""
+        """DiT's initialization: xavier-uniform linears, zero biases,
+        N(0, 0.02) embeddings, zero adaLN outputs."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
@@ -203,8 +207,9 @@ class Generator(DiT):
 
     use_t_src: multi-step models see the source time s (t_embedder).
     use_t_tgt: any-step models also see the target time t (t_tgt_embedder).
-    repeat=R:  depth repetition (paper sec. 3.8): the blocks run R times, pass r marked by t_embedder(1000 (1 - r/R));
-               R = 2 and R = 4 on XL/2 are the authors' 56- and 112-layer 1-NFE generators.
+    repeat=R:  depth repetition (paper sec. 3.8): the blocks run R times, pass r marked by
+               t_embedder(1000 (1 - r/R)); R = 2 and R = 4 on XL/2 are the authors' 56- and 112-layer
+               1-NFE generators.
     """
 
     def __init__(self, use_t_src=False, use_t_tgt=False, repeat=1, **dit_kwargs):
@@ -296,15 +301,21 @@ class Classifier(TokenReadout):
         return self.final_layer(self.read_token(self.cls_embed, x, c))
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Sizes. Name -> DiT keyword arguments (input_size, in_channels and num_classes come from the data).
 
 MODELS = {
     # DiT's registry: Small, Base, Large, XLarge crossed with patch 2, 4, 8.
-    **{f"S/{p}": dict(depth=12, hidden_size=384, num_heads=6, patch_size=p) for p in (2, 4, 8)},     # Small
-    **{f"B/{p}": dict(depth=12, hidden_size=768, num_heads=12, patch_size=p) for p in (2, 4, 8)},    # Base, 130M at /2
-    **{f"L/{p}": dict(depth=24, hidden_size=1024, num_heads=16, patch_size=p) for p in (2, 4, 8)},   # Large, 457M
-    **{f"XL/{p}": dict(depth=28, hidden_size=1152, num_heads=16, patch_size=p) for p in (2, 4, 8)},  # XLarge, 673M
-    "M/2": dict(depth=16, hidden_size=1024, num_heads=16, patch_size=2),   # Medium (MeanFlow's M), 306M
-    **{f"T/{p}": dict(depth=4, hidden_size=128, num_heads=4, patch_size=p) for p in (2, 4)},         # Tiny, 1M: laptops
+    # Small
+    **{f"S/{p}": dict(depth=12, hidden_size=384, num_heads=6, patch_size=p) for p in (2, 4, 8)},
+    # Base, 130M at /2
+    **{f"B/{p}": dict(depth=12, hidden_size=768, num_heads=12, patch_size=p) for p in (2, 4, 8)},
+    # Large, 457M
+    **{f"L/{p}": dict(depth=24, hidden_size=1024, num_heads=16, patch_size=p) for p in (2, 4, 8)},
+    # XLarge, 673M
+    **{f"XL/{p}": dict(depth=28, hidden_size=1152, num_heads=16, patch_size=p) for p in (2, 4, 8)},
+    # Medium (MeanFlow's M), 306M
+    "M/2": dict(depth=16, hidden_size=1024, num_heads=16, patch_size=2),
+    # Tiny, 1M: laptops
+    **{f"T/{p}": dict(depth=4, hidden_size=128, num_heads=4, patch_size=p) for p in (2, 4)},
 }
