@@ -1,18 +1,19 @@
 """Sample quality a laptop can afford: a small classifier trained on the real images judges the samples.
 
-FID needs an Inception network at 299 px (about 1.5 images/s on one CPU core), so it is an end-of-run number. While
-training on small datasets (MNIST, Fashion-MNIST, CIFAR-10, small folders) we watch two cheaper ones, computed on
-class-balanced 1-NFE samples of the EMA generator:
+FID needs an Inception network at 299 px (about 1.5 images/s on one CPU core), so it is an end-of-run number.
+While training on small datasets (MNIST, Fashion-MNIST, CIFAR-10, small folders) we watch two cheaper ones,
+computed on class-balanced 1-NFE samples of the EMA generator:
 
     accuracy   the share of samples that the judge labels as their conditioning class. Read it against A_real,
-               the judge's accuracy on real held-out images: accuracy / A_real = 1 means the generator draws the
-               requested class as recognizably as the data does. Chance is 1 / num_classes.
-    fd         the Frechet distance (the FID formula) between the judge's 128-d penultimate features of the samples
-               and of real training images. It falls as samples look more like the data; fd_ratio divides it by
-               the distance of the untrained generator, whose samples are all mid-gray (G's head starts at zero).
+               the judge's accuracy on real held-out images: accuracy / A_real = 1 means the generator draws
+               the requested class as recognizably as the data does. Chance is 1 / num_classes.
+    fd         the Frechet distance (the FID formula) between the judge's 128-d penultimate features of the
+               samples and of real training images. It falls as samples look more like the data; fd_ratio
+               divides it by the distance of the untrained generator, whose samples are all mid-gray (G's head
+               starts at zero).
 
-Neither number is comparable with published FIDs: the feature space is a 20k-parameter CNN trained here, and the
-sample count is small (the FD of a finite sample is biased upwards; compare runs at the same count).
+Neither number is comparable with published FIDs: the feature space is a 20k-parameter CNN trained here, and
+the sample count is small (the FD of a finite sample is biased upwards; compare runs at the same count).
 
     python quality.py --data fashion-mnist --out judge.pt      # train a judge once (60 s on one CPU core)
     python quality.py --judge judge.pt --ckpt out/ckpt.pt      # judge a checkpoint's EMA generator
@@ -39,7 +40,8 @@ FEATURE_DIM = 128
 
 
 class Judge(nn.Module):
-    """(N, C, S, S) images in [-1, 1] -> (logits (N, classes), features (N, 128)). Two conv stages and an MLP."""
+    """(N, C, S, S) images in [-1, 1] -> (logits (N, classes), features (N, 128)).
+    Two conv stages and an MLP."""
 
     def __init__(self, in_channels, image_size, num_classes):
         super().__init__()
@@ -51,7 +53,8 @@ class Judge(nn.Module):
                                  nn.MaxPool2d(2))
 
         self.convs = nn.Sequential(stage(in_channels, 16), stage(16, 32))
-        self.features = nn.Sequential(nn.Flatten(), nn.Linear(32 * (image_size // 4) ** 2, FEATURE_DIM), nn.ReLU())
+        self.features = nn.Sequential(nn.Flatten(), nn.Linear(32 * (image_size // 4) ** 2, FEATURE_DIM),
+                                      nn.ReLU())
         self.head = nn.Linear(FEATURE_DIM, num_classes)
 
     def forward(self, x):
@@ -74,7 +77,8 @@ def real_splits(name, data_path, image_size, seed=0):
         x, x_test = (data.fit_to_size(images, image_size)[..., None] for images in (x, x_test))
         return x, y, x_test, y_test
     if name == "cifar10":
-        (x, y), (x_test, y_test) = (data.load_cifar10(data_path or "./data", train) for train in (True, False))
+        (x, y), (x_test, y_test) = (data.load_cifar10(data_path or "./data", train)
+                                    for train in (True, False))
         return x, y, x_test, y_test
     if name != "folder":
         raise data.DataError("the judge needs small images: --data cifar10, mnist, fashion-mnist or folder")
@@ -106,7 +110,8 @@ def statistics(features):
 
 
 def train_judge(name, data_path, image_size, steps=1500, batch_size=64, lr=2e-3, seed=0, log=print):
-    """Train a judge on the real training set -> its file's contents: weights, A_real and the real statistics."""
+    """Train a judge on the real training set -> its file's contents:
+    weights, A_real and the real statistics."""
     x, y, x_test, y_test = real_splits(name, data_path, image_size, seed)
     generator = torch.Generator().manual_seed(seed)
     judge = Judge(x.shape[-1], image_size, int(max(y.max(), y_test.max())) + 1)
@@ -129,7 +134,8 @@ def train_judge(name, data_path, image_size, steps=1500, batch_size=64, lr=2e-3,
     _, features = accuracy_and_features(judge, to_input(x[reference]), torch.from_numpy(y[reference]))
     mu, sigma = statistics(features)
     log(f"judge: accuracy on {len(x_test)} real held-out images A_real = {real_accuracy:.4f}")
-    return {"kwargs": dict(in_channels=judge.in_channels, image_size=image_size, num_classes=judge.num_classes),
+    return {"kwargs": dict(in_channels=judge.in_channels, image_size=image_size,
+                           num_classes=judge.num_classes),
             "state_dict": judge.state_dict(), "real_accuracy": real_accuracy, "mu": torch.from_numpy(mu),
             "sigma": torch.from_numpy(sigma), "data": name}
 
@@ -151,8 +157,8 @@ def judge_or_train(path, name, data_path, image_size, log=print):
         checkpoint.save(train_judge(name, data_path, image_size, log=log), path)
     judge, state = load_judge(path)
     if state.get("data") != name:
-        raise checkpoint.CheckpointError(f"{path} judges {state.get('data')} samples, not {name}: delete it or "
-                                         f"pass another --judge")
+        raise checkpoint.CheckpointError(f"{path} judges {state.get('data')} samples, not {name}: delete it "
+                                         f"or pass another --judge")
     if state["kwargs"]["image_size"] != image_size:
         raise checkpoint.CheckpointError(f"{path} judges {state['kwargs']['image_size']}-px images, not "
                                          f"{image_size}-px: delete it or pass another --judge")
@@ -160,7 +166,8 @@ def judge_or_train(path, name, data_path, image_size, log=print):
 
 
 class SampleJudge:
-    """Judges a generator on fixed, class-balanced noise: the same samples are compared at every evaluation."""
+    """Judges a generator on fixed, class-balanced noise:
+    the same samples are compared at every evaluation."""
 
     def __init__(self, judge, state, shape, num_samples=1000, seed=0):
         self.judge, self.real_accuracy = judge, state["real_accuracy"]
@@ -175,7 +182,8 @@ class SampleJudge:
         """-> dict(accuracy, accuracy_ratio, fd, fd_ratio) of the generator's samples."""
         device = next(generator.parameters()).device
         images = torch.cat([sample(generator, self.noise[i:i + batch_size].to(device),
-                                   self.labels[i:i + batch_size].to(device), nfe, pred).float().cpu().clamp(-1, 1)
+                                   self.labels[i:i + batch_size].to(device),
+                                   nfe, pred).float().cpu().clamp(-1, 1)
                             for i in range(0, len(self.noise), batch_size)])
         accuracy, features = accuracy_and_features(self.judge, images, self.labels)
         fd = fid.frechet_distance(*statistics(features), self.mu, self.sigma)
@@ -197,8 +205,8 @@ def judge_checkpoint(judge_path, ckpt_path, num_samples):
     shape = (generator.in_channels, generator.input_size, generator.input_size)
     result = SampleJudge(judge, state, shape, num_samples)(generator.eval(), nfe, run["config"]["pred"])
     print(f"accuracy {result['accuracy']:.4f} (A_real {state['real_accuracy']:.4f}, ratio "
-          f"{result['accuracy_ratio']:.3f}); Frechet distance {result['fd']:.3f} ({result['fd_ratio']:.4f} of "
-          f"the untrained generator's)")
+          f"{result['accuracy_ratio']:.3f}); Frechet distance {result['fd']:.3f} ({result['fd_ratio']:.4f} "
+          f"of the untrained generator's)")
 
 
 def main(argv=None):
@@ -206,7 +214,8 @@ def main(argv=None):
                                             "checkpoint's EMA generator with one.")
     p.add_argument("--data", default="fashion-mnist", choices=["mnist", "fashion-mnist", "cifar10", "folder"])
     p.add_argument("--data-path", default=None)
-    p.add_argument("--image-size", type=int, default=None, help="as train.py's preset: 28 for the MNISTs, else 32")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="as train.py's preset: 28 for the MNISTs, else 32")
     p.add_argument("--out", default=None, help="train a judge and write it here")
     p.add_argument("--judge", default=None, help="a judge file, to judge --ckpt")
     p.add_argument("--ckpt", default=None, help="a train.py checkpoint: its EMA generator is judged")

@@ -3,9 +3,10 @@
     python tools/gpu_check_report.py --parts LOGS/parts.tsv --meta LOGS/meta.json --out gpu_check.json \\
         --budget 480 --elapsed 431 --mode gpu
 
-parts.tsv has one line per part: name, kind (tests or bench), status (passed, failed, timeout, skipped), seconds,
-budget, reason, log file. A bench part's result is the JSON line bench.py prints last; a tests part's counts come
-from pytest's summary line, and a tests run whose every test skipped (no CUDA) is reported as skipped.
+parts.tsv has one line per part: name, kind (tests or bench), status (passed, failed, timeout, skipped),
+seconds, budget, reason, log file. A bench part's result is the JSON line bench.py prints last; a tests part's
+counts come from pytest's summary line,
+and a tests run whose every test skipped (no CUDA) is reported as skipped.
 Exit status 0 when no part failed or timed out, 1 otherwise.
 """
 
@@ -14,11 +15,14 @@ import json
 import re
 import sys
 
-# Table columns: (header, row key, bench.py key, scale, format). The baseline row reads the same bench.py keys with
-# a "baseline_" prefix (bench.py --baseline reports no sample or warm-up time for it).
-COLUMNS = [("img/s", "img_per_s", "img_per_s", 1, "{:.1f}"), ("TFLOP/s", "tflops", "tflops", 1, "{:.3g}"),
-           ("MFU", "mfu", "mfu", 1, "{:.1%}"), ("peak GiB", "peak_mem_gib", "peak_mem_mb", 1 / 1024, "{:.1f}"),
-           ("iter ms", "iter_ms", "iter_ms", 1, "{:.1f}"), ("warmup s", "warmup_s", "warmup_s", 1, "{:.1f}")]
+# Table columns: (header, row key, bench.py key, scale, format). The baseline row reads the same bench.py keys
+# with a "baseline_" prefix (bench.py --baseline reports no sample or warm-up time for it).
+COLUMNS = [("img/s", "img_per_s", "img_per_s", 1, "{:.1f}"),
+           ("TFLOP/s", "tflops", "tflops", 1, "{:.3g}"),
+           ("MFU", "mfu", "mfu", 1, "{:.1%}"),
+           ("peak GiB", "peak_mem_gib", "peak_mem_mb", 1 / 1024, "{:.1f}"),
+           ("iter ms", "iter_ms", "iter_ms", 1, "{:.1f}"),
+           ("warmup s", "warmup_s", "warmup_s", 1, "{:.1f}")]
 PYTEST_COUNT = re.compile(r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed)")
 
 
@@ -51,8 +55,8 @@ def pytest_counts(path):
 
 def read_part(fields):
     name, kind, status, seconds, budget, reason, log = fields
-    part = dict(name=name, kind=kind, status=status, seconds=int(seconds), budget_s=int(budget), reason=reason,
-                log=log or None)
+    part = dict(name=name, kind=kind, status=status, seconds=int(seconds), budget_s=int(budget),
+                reason=reason, log=log or None)
     if log and kind == "tests":
         part["counts"] = counts = pytest_counts(log)
         if status == "passed" and counts.get("skipped", 0) and not counts.get("passed", 0):
@@ -85,10 +89,12 @@ def table_rows(parts):
 
 def format_table(rows):
     header = ["part"] + [title for title, *_ in COLUMNS]
-    body = [[row["part"]] + ["-" if row[key] is None else fmt.format(row[key]) for _, key, _, _, fmt in COLUMNS]
+    body = [[row["part"]] + ["-" if row[key] is None else fmt.format(row[key])
+                             for _, key, _, _, fmt in COLUMNS]
             for row in rows]
     widths = [max(len(line[i]) for line in [header] + body) for i in range(len(header))]
-    return "\n".join("  ".join([line[0].ljust(widths[0])] + [cell.rjust(w) for cell, w in zip(line[1:], widths[1:])])
+    return "\n".join("  ".join([line[0].ljust(widths[0])]
+                               + [cell.rjust(w) for cell, w in zip(line[1:], widths[1:])])
                      for line in [header] + body)
 
 
@@ -118,7 +124,8 @@ def main(argv=None):
         print(f"  {part['status']:8} {part['name']}{note}")
     if rows:
         print("\n" + format_table(rows))
-        print("MFU: TFLOP/s over this GPU's measured torch.mm rate in the run's precision (bench.py, CUDA only)")
+        print("MFU: TFLOP/s over this GPU's measured torch.mm rate in the run's precision "
+              "(bench.py, CUDA only)")
     print(f"\nwritten: {args.out}")
     return 0 if ok else 1
 

@@ -3,10 +3,11 @@
     python tools/laptop_report.py out/afm out/gan --names "AFM" "lambda_ot = 0" --minutes 2 10 30 \\
         --curve docs/laptop_curve.png --grids docs/laptop_grids.png
 
-Reads each run's log.jsonl (the judge_* records of train.py --judge-every) and its samples_*.png grids. The curve
-has two panels, sample class accuracy / A_real and the Frechet distance in the judge's features / the untrained
-generator's (log scale), against minutes of training. The grids are the EMA sample grids written nearest to each
-chosen minute, one column per minute, one row per run. Prints the table of the numbers behind both pictures.
+Reads each run's log.jsonl (the judge_* records of train.py --judge-every) and its samples_*.png grids. The
+curve has two panels, sample class accuracy / A_real and the Frechet distance in the judge's features / the
+untrained generator's (log scale), against minutes of training. The grids are the EMA sample grids written
+nearest to each chosen minute, one column per minute, one row per run.
+Prints the table of the numbers behind both pictures.
 """
 
 import argparse
@@ -32,13 +33,15 @@ def at_minute(records, minute):
 def draw_panel(draw, box, runs, key, title, log_scale):
     left, top, right, bottom = box
     values = [r[key] for records in runs for r in records]
-    lo, hi = (min(values), max(values)) if not log_scale else (math.log10(min(values)), math.log10(max(values)))
+    lo, hi = ((min(values), max(values)) if not log_scale
+              else (math.log10(min(values)), math.log10(max(values))))
     hi = hi if hi > lo else lo + 1
     x_max = max(r["minutes"] for records in runs for r in records)
 
     def point(record):
         value = math.log10(record[key]) if log_scale else record[key]
-        return (left + (right - left) * record["minutes"] / x_max, bottom - (bottom - top) * (value - lo) / (hi - lo))
+        return (left + (right - left) * record["minutes"] / x_max,
+                bottom - (bottom - top) * (value - lo) / (hi - lo))
 
     draw.rectangle(box, outline=(0, 0, 0))
     draw.text((left, top - 14), title, fill=(0, 0, 0))
@@ -70,7 +73,8 @@ def draw_curves(runs, names, path):
 def nearest_grid(run, log, minute):
     """The samples_<step>.png written nearest to `minute`, and the minute it was written at."""
     minutes_at = {r["step"]: r["minutes"] for r in log if "minutes" in r}
-    steps = [int(name[8:-4]) for name in os.listdir(run) if name.startswith("samples_") and name.endswith(".png")]
+    steps = [int(name[8:-4]) for name in os.listdir(run)
+             if name.startswith("samples_") and name.endswith(".png")]
     step = min((s for s in steps if s in minutes_at), key=lambda s: abs(minutes_at[s] - minute))
     return Image.open(os.path.join(run, f"samples_{step:08d}.png")).convert("RGB"), minutes_at[step], step
 
@@ -81,7 +85,8 @@ def draw_grids(runs, logs, names, minutes, path, gap=12, label=18):
     cells = [[(grid.resize((grid.size[0] * scale, grid.size[1] * scale), Image.NEAREST), minute, step)
               for grid, minute, step in row] for row in cells]
     width, height = cells[0][0][0].size
-    image = Image.new("RGB", (len(minutes) * (width + gap), len(runs) * (height + label + gap)), (255, 255, 255))
+    image = Image.new("RGB", (len(minutes) * (width + gap), len(runs) * (height + label + gap)),
+                      (255, 255, 255))
     draw = ImageDraw.Draw(image)
     for row, (name, run_cells) in enumerate(zip(names, cells)):
         for column, (grid, minute, step) in enumerate(run_cells):
