@@ -316,6 +316,6 @@ MODELS = {
     **{f"XL/{p}": dict(depth=28, hidden_size=1152, num_heads=16, patch_size=p) for p in (2, 4, 8)},
     # Medium (MeanFlow's M), 306M
     "M/2": dict(depth=16, hidden_size=1024, num_heads=16, patch_size=2),
-    # Tiny, 1M: laptops
-    **{f"T/{p}": dict(depth=4, hidden_size=128, num_heads=4, patch_size=p) for p in (2, 4)},
+    # Tiny, 1M: laptops. /7 and /8 cut 28-px and 32-px images into 4 x 4 tokens
+    **{f"T/{p}": dict(depth=4, hidden_size=128, num_heads=4, patch_size=p) for p in (2, 4, 7, 8)},
 }

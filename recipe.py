@@ -3,7 +3,7 @@
     phases      --phase 1..4 applies a row of Table 11 (TABLE_11 below); --init-from continues the previous
                 phase's run
     guidance    flow-based classifier guidance in the G update (eqs. 26 and 38), with a classifier.py network
-    augment     discriminator augmentation (augment.py), phase 4
+    augment     discriminator augmentation (augment.py): phase 4; a -2..2 pixel shift in the laptop presets
     reloads     --ema-reload-every copies the EMA into G; --d-reload-on-stall resets D to its best-FID weights
     evaluation  in-loop FID of the EMA, best.pt at each new best; the sample judge (quality.py) on small data
 
@@ -73,7 +73,7 @@ def phase_preset(phase, nfe, repeat, model):
 def defaults(nfe):
     """The recipe's flags when neither they nor a phase set them: everything off."""
     return dict(cg_scale=0.0, cg_t=PHASE_4_CG_T, cg_target_times=CG_TARGET_TIMES.get(nfe), augment_p=0.0,
-                ema_reload_every=0, d_reload_on_stall=0, judge_every=0)
+                augment_cutouts=3, ema_reload_every=0, d_reload_on_stall=0, judge_every=0)
 
 
 def add_arguments(parser):
@@ -89,7 +89,13 @@ def add_arguments(parser):
     add("--cg-t", help=f"1-NFE guidance: t' ~ U(lo, hi), as 'lo,hi' (eq. 26; default {PHASE_4_CG_T})")
     add("--cg-target-times", help="multi-step guidance: CE at t' = the target time, on these target times, "
         "e.g. '0,0.25' (default: Table 11's, for 2 and 4 NFE)")
-    add("--augment-p", type=float, help="discriminator augmentation probability (default 0; phase 4: 0.4)")
+    add("--augment-p", type=float, help="discriminator augmentation probability (default: 1 for the laptop "
+        "--data rows, 0 for imagenet; phase 4: 0.4)")
+    add("--augment-translate", type=float, help="the augmentation's shift, as a fraction of the size: t "
+        "draws whole-pixel shifts in [-t, t] (default: 0.08 for the laptop --data rows; otherwise the "
+        "authors' one-sided range, 0 to 0.3)")
+    add("--augment-cutouts", type=int, help="rectangles zeroed per augmented pair (default: 0 for the laptop "
+        "--data rows; otherwise 3, the authors')")
     add("--ema-reload-every", type=int, help="copy the EMA into G every N steps (default 0: off; phases 2-4: "
         "5000)")
     add("--d-reload", help="start D from this checkpoint's D")
@@ -178,7 +184,10 @@ def make_guidance(args, device):
 
 
 def make_augment(args):
-    return PairedAugment(p=args.augment_p) if args.augment_p > 0 else None
+    if args.augment_p == 0:
+        return None
+    translate = (0.0, 0.3) if args.augment_translate is None else args.augment_translate
+    return PairedAugment(p=args.augment_p, translate=translate, cutouts=args.augment_cutouts)
 
 
 def start(nets, args):
@@ -263,8 +272,8 @@ class Recipe:
             self.judge_samples(step)
 
     def after_step(self, step, last, stopping=False):
-        """stopping: the run ends after this step (a signal or --max-minutes). The judge, which changes no state,
-        then labels the samples G ends with; FID keeps its schedule, as it can reload D."""
+        """stopping: the run ends after this step (a signal or --max-minutes). The judge, which changes no
+        state, then labels the samples G ends with; FID keeps its schedule, as it can reload D."""
         args = self.args
         if args.ema_reload_every and step % args.ema_reload_every == 0:
             self.nets.G.load_state_dict(self.nets.ema.state_dict())  # the average is the better equilibrium

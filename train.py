@@ -53,29 +53,37 @@ from sample import grid_labels, sample_images, write_grid
 # 1. Configuration. A flag left unset takes, in this order: its --phase row (recipe.TABLE_11), its --data row
 # below, then paper_defaults() (the paper's values, some depending on --nfe). --help shows each row's value.
 
-# The laptop presets: a tiny DiT (T/4, 1.2M parameters, 4x4 patches) on small images, chosen from measured
-# runs on the real Fashion-MNIST (README, "What a laptop gets"). A laptop runs 1,000-3,000 steps where the
-# paper runs 500,000, so they depart from the paper's row below:
+# The laptop presets: a tiny DiT (4 blocks of width 128, 1.2M parameters) that cuts 28-px images into 4 x 4
+# tokens of 7 x 7 pixels (T/7), 32-px ones into 4 x 4 tokens of 8 x 8 (T/8). Chosen from measured runs on the
+# real Fashion-MNIST (README, "What a laptop gets"). A laptop runs a few thousand steps where the paper runs
+# 500,000, so they depart from the paper's row below:
+#   T/7, T/8             16 tokens: three times the steps per minute of T/4's 49, and the extra steps are what
+#                        let the samples of one class start to differ (T/4 drew one garment per class).
 #   lr 2e-3              20x the paper's 1e-4: the class embeddings start at N(0, 0.02) and the adaLN weights
-#                        at zero, so class conditioning grows roughly with lr^2. Measured on Fashion-MNIST:
-#                        1e-3 at batch 64 was slower per minute, and 3e-3 no faster.
+#                        at zero, so class conditioning grows roughly with lr^2. Measured: 5e-4 and 1e-3 were
+#                        slower per minute, 3e-3 no faster.
 #   EMA 0.99, warm-up 10 the EMA decays at min(0.99, (1 + step) / (10 + step)), so it never holds the random
 #                        start; the paper's 0.9999 would average over 10,000 steps a laptop never takes.
-#   lambda_ot 0.05 -> 0.005 over 500 steps: 0.1 -> 0.02 and 0.2 -> 0.05 over 1,000 steps learnt more slowly
-#                        per step and left noise in the samples (the OT term pulls G(z) towards z).
-#   batch 32: 28-px Fashion-MNIST runs ~76 steps a minute on one core of a 2-core CPU, 136 on both.
-# The MNISTs are 28 px (no padding: 23% fewer tokens than 32 px) and never flipped (a mirrored digit is not a
-# digit). In-memory datasets need no loader processes; a folder gets one, to decode while the model trains.
-# The judge (quality.py) labels samples every judge_every steps: on by default for the MNISTs, whose judge
-# trains in a minute; --judge-every N turns it on for CIFAR-10 and folders (it trains on the whole set first).
-LAPTOP = dict(model="T/4", batch_size=32, lr=2e-3, max_steps=20_000, ema_decay=0.99, ema_warmup=10,
-              ot_start=0.05, ot_end=0.005, ot_decay_steps=500, ckpt_every=500, sample_every=200, log_every=25)
+#   lambda_ot 0.05 -> 0.005 over 500 steps: constant 0.03 or 0.1, and 0.2 or 0.5 decayed over 400-600 steps,
+#                        learnt more slowly and left noise in the samples (the OT term pulls G(z) towards z).
+#   lambda_gp 0.05       T/4, one run each: 0.81 of A_real after 8 minutes; the paper's 0.25: 0.72; 1.0: 0.79.
+#   D augmentation       every real/fake pair is shifted by the same random -2..2 pixels before D (sec. 3.9's
+#                        paired augmentation, translation only): the seams between G's patches then fall
+#                        inside D's patches, where D sees them. Without it the samples are blocky.
+#   batch 32             28-px Fashion-MNIST runs ~230 steps a minute on one core of a 2-core CPU.
+# The MNISTs are 28 px (no padding) and never flipped (a mirrored digit is not a digit). In-memory datasets
+# need no loader processes; a folder gets one, to decode while the model trains. The judge (quality.py) labels
+# samples every judge_every steps: on by default for the MNISTs, whose judge trains in a minute; --judge-every
+# N turns it on for CIFAR-10 and folders (it trains on the whole set first).
+LAPTOP = dict(batch_size=32, lr=2e-3, max_steps=20_000, ema_decay=0.99, ema_warmup=10, ot_start=0.05,
+              ot_end=0.005, ot_decay_steps=500, gp_scale=0.05, augment_p=1.0, augment_translate=0.08,
+              augment_cutouts=0, ckpt_every=1000, sample_every=500, log_every=50)
 
 PRESETS = {
-    "fashion-mnist": dict(LAPTOP, image_size=28, flip=False, judge_every=100, num_workers=0),
-    "mnist": dict(LAPTOP, image_size=28, flip=False, judge_every=100, num_workers=0),
-    "cifar10": dict(LAPTOP, image_size=32, flip=True, judge_every=0, num_workers=0),
-    "folder": dict(LAPTOP, image_size=32, flip=True, judge_every=0, num_workers=1),
+    "fashion-mnist": dict(LAPTOP, model="T/7", image_size=28, flip=False, judge_every=250, num_workers=0),
+    "mnist": dict(LAPTOP, model="T/7", image_size=28, flip=False, judge_every=250, num_workers=0),
+    "cifar10": dict(LAPTOP, model="T/8", image_size=32, flip=True, judge_every=0, num_workers=0),
+    "folder": dict(LAPTOP, model="T/8", image_size=32, flip=True, judge_every=0, num_workers=1),
     # The paper (Table 10/11, phase 1): XL/2 on SD-VAE latents, batch 256, lr 1e-4, EMA 0.9999, lambda_ot
     # decayed over 100 epochs = 1M alternating iterations = 500k of our D+G steps.
     "imagenet": dict(model="XL/2", image_size=256, batch_size=256, lr=1e-4, max_steps=1_000_000,
@@ -91,7 +99,7 @@ def paper_defaults(nfe, repeat):
     The recipe's flags are off."""
     multi_step = nfe != 1
     return dict(pred="v" if multi_step else "x", ot_start=0.25 if multi_step else 0.2, ot_end=0.005,
-                grad_clip=5.0 if multi_step or repeat > 1 else 50.0, ema_warmup=0, flip=True,
+                gp_scale=0.25, grad_clip=5.0 if multi_step or repeat > 1 else 50.0, ema_warmup=0, flip=True,
                 **recipe.defaults(nfe))
 
 
@@ -123,11 +131,11 @@ def parse_args(argv=None):
         formatter_class=HelpFormatter)
     add = p.add_argument
     add("--data", choices=list(PRESETS), default="fashion-mnist",
-        help="fashion-mnist, mnist, cifar10: downloaded to ./data once (Debian's dataset-fashion-mnist is found "
-             "too); folder: root/<class>/<image>; imagenet: a latents .npy from `python vae.py` or an image "
-             "folder encoded with --vae")
-    add("--data-path", help="dataset location (the MNISTs: the folder of the four IDX files; cifar10: the folder "
-                            "of the archive or of cifar-10-batches-py/)")
+        help="fashion-mnist, mnist, cifar10: downloaded to ./data once (Debian's dataset-fashion-mnist is "
+             "found too); folder: root/<class>/<image>; imagenet: a latents .npy from `python vae.py` or an "
+             "image folder encoded with --vae")
+    add("--data-path", help="dataset location (the MNISTs: the folder of the four IDX files; cifar10: the "
+                            "folder of the archive or of cifar-10-batches-py/)")
     add("--image-size", type=int, help="pixels " + per_source("image_size"))
     add("--vae", help="sd-vae-ft-mse weights, to encode an ImageNet image folder on the fly")
     add("--model", help=f"one of {', '.join(MODELS)} " + per_source("model"))
@@ -154,7 +162,8 @@ def parse_args(argv=None):
     add("--ot-end", type=float, help="lambda_ot after the cosine decay " + per_source("ot_end", "0.005"))
     add("--ot-decay-steps", type=int,
         help="length of the cosine decay, in steps " + per_source("ot_decay_steps"))
-    add("--gp-scale", type=float, default=0.25, help="lambda_gp for the R1 and R2 penalties")
+    add("--gp-scale", type=float,
+        help="lambda_gp of the R1 and R2 penalties " + per_source("gp_scale", "0.25"))
     add("--gp-eps", type=float, default=0.01, help="finite-difference step of R1/R2")
     add("--gp-ratio", type=float, default=0.25, help="fraction of the batch that gets R1/R2")
     add("--cp-scale", type=float, default=0.01, help="lambda_cp of the logit-centering penalty")
@@ -421,6 +430,11 @@ def start(args, rank, world_size, device, resume_state):
     np.random.seed(args.seed)
     random.seed(args.seed)
     source = vae.open_data(args, rank, world_size, device, flip=args.flip, decoder=True)
+    patch = MODELS[args.model]["patch_size"]
+    if source.input_size % patch:
+        raise ArgumentError(f"{args.model} cuts its input into {patch} x {patch} patches, which do not tile "
+                            f"{source.input_size} x {source.input_size}: choose another --model or "
+                            f"--image-size")
     kwargs = network_kwargs(args, source.in_channels, source.input_size, source.num_classes)
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     nets = build_nets(args, *kwargs, device, distributed=world_size > 1)
@@ -484,11 +498,11 @@ def train(args):
             log.add(metrics)
             if due(step, args.log_every, last):
                 log.metrics(step, clock.seconds() / 60, nets, ot_scale)
-            if rank == 0 and due(step, args.sample_every, last):
-                write_progress_grid(nets, args, source, step, device)
             if args.max_minutes and clock.seconds() >= args.max_minutes * 60:
                 stop.requested = True  # like a signal: every rank stops at this step, after a checkpoint
             stopping = stop.agreed(device, world_size)
+            if rank == 0 and due(step, args.sample_every, last or stopping):
+                write_progress_grid(nets, args, source, step, device)
             extras.after_step(step, last, stopping)
             # never over the last good checkpoint while steps are being skipped
             if due(step, args.ckpt_every, last or stopping) and bad_steps == 0:

@@ -228,6 +228,13 @@ def test_unknown_model_lists_the_valid_ones(images, tmp_path):
         assert name in line
 
 
+def test_patches_that_do_not_tile_the_image(images, tmp_path):
+    """T/7 on 16-px images: 7-pixel patches leave a remainder. One line before any weights exist."""
+    result = run("train.py", *tiny(images, tmp_path / "out"), "--model", "T/7")
+    assert_one_line_error(result, "T/7", "7 x 7 patches", "16 x 16", "--image-size")
+    assert not (tmp_path / "out" / "ckpt.pt").exists()
+
+
 def test_debug_shows_the_traceback(images, tmp_path):
     result = run("train.py", *tiny(images, tmp_path / "out"), "--model", "Z/9", "--debug")
     assert result.returncode != 0
