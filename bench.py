@@ -95,8 +95,7 @@ def parse_args(argv=None):
     options, train_argv = p.parse_known_args(argv)
     args = train.parse_args(train_argv)
     if options.data_loader and not any(a.split("=")[0] == "--num-workers" for a in train_argv):
-        # The workers train.py gives the source simulated here (the default --data cifar10 has none: it
-        # sits in memory).
+        # The workers train.py gives the source simulated here (the default --data, in memory, has none).
         args.num_workers = train.PRESETS["folder" if options.in_channels == 3 else "imagenet"]["num_workers"]
     if options.steps < 1 or options.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
