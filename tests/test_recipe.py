@@ -153,6 +153,19 @@ def test_explicit_flags_override_the_phase():
     assert (args.lr, args.augment_p, args.cg_scale) == (1e-5, 0.0, 0.003)
 
 
+def test_discriminator_augmentation_of_the_laptop_rows_and_of_phase_4():
+    """Laptop rows: every pair shifted by -2..2 whole pixels at 28 or 32 px, nothing cut out. Phase 4: the
+    authors' Algorithm 1 (p 0.4, shifts of 0 to 30% right and down, three cutouts)."""
+    for source, size in (("fashion-mnist", 28), ("cifar10", 32)):
+        augment = recipe.make_augment(train.parse_args(["--data", source]))
+        assert (augment.p, augment.translate_range, augment.cutouts) == (1.0, (-0.08, 0.08), 0)
+        assert augment._shift_bounds(size) == (-2, 3)  # torch.randint's (low, high): -2, ..., 2
+    paper = recipe.make_augment(train.parse_args(["--data", "imagenet", "--phase", "4"]))
+    assert (paper.p, paper.translate_range, paper.cutouts) == (0.4, (0.0, 0.3), 3)
+    assert recipe.make_augment(train.parse_args(["--data", "imagenet"])) is None
+    assert recipe.make_augment(train.parse_args(["--data", "fashion-mnist", "--augment-p", "0"])) is None
+
+
 def test_ema_reload_makes_g_equal_to_the_ema(cifar, tmp_path):
     out = tmp_path / "out"
     train.main(["--data", "cifar10", "--data-path", cifar, "--out-dir", str(out), "--max-steps", "3",

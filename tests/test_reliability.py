@@ -235,6 +235,15 @@ def test_patches_that_do_not_tile_the_image(images, tmp_path):
     assert not (tmp_path / "out" / "ckpt.pt").exists()
 
 
+def test_max_minutes_stops_with_a_checkpoint_and_a_last_grid(images, tmp_path):
+    """--max-minutes 1e-6 is over after the first step: the run saves, draws its last grid and exits 0."""
+    out = tmp_path / "out"
+    result = run("train.py", *tiny(images, out), "--max-steps", "50", "--max-minutes", "1e-6")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert checkpoint.load(out / "ckpt.pt")["step"] == 1
+    assert sorted(p.name for p in out.glob("samples_*.png")) == ["samples_00000001.png"]
+
+
 def test_debug_shows_the_traceback(images, tmp_path):
     result = run("train.py", *tiny(images, tmp_path / "out"), "--model", "Z/9", "--debug")
     assert result.returncode != 0
