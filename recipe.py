@@ -73,7 +73,7 @@ def phase_preset(phase, nfe, repeat, model):
 def defaults(nfe):
     """The recipe's flags when neither they nor a phase set them: everything off."""
     return dict(cg_scale=0.0, cg_t=PHASE_4_CG_T, cg_target_times=CG_TARGET_TIMES.get(nfe), augment_p=0.0,
-                augment_cutouts=3, ema_reload_every=0, d_reload_on_stall=0, judge_every=0)
+                ema_reload_every=0, d_reload_on_stall=0, judge_every=0)
 
 
 def add_arguments(parser):
@@ -184,10 +184,12 @@ def make_guidance(args, device):
 
 
 def make_augment(args):
+    """PairedAugment with --augment-p, and --augment-translate / --augment-cutouts where set (otherwise the
+    authors' values, PairedAugment's defaults); None at p = 0."""
     if args.augment_p == 0:
         return None
-    translate = (0.0, 0.3) if args.augment_translate is None else args.augment_translate
-    return PairedAugment(p=args.augment_p, translate=translate, cutouts=args.augment_cutouts)
+    given = dict(translate=args.augment_translate, cutouts=args.augment_cutouts)
+    return PairedAugment(p=args.augment_p, **{k: v for k, v in given.items() if v is not None})
 
 
 def start(nets, args):

@@ -87,9 +87,8 @@ PRESETS = {
     # The paper (Table 10/11, phase 1): XL/2 on SD-VAE latents, batch 256, lr 1e-4, EMA 0.9999, lambda_ot
     # decayed over 100 epochs = 1M alternating iterations = 500k of our D+G steps.
     "imagenet": dict(model="XL/2", image_size=256, batch_size=256, lr=1e-4, max_steps=1_000_000,
-                     ema_decay=0.9999,
-                     ot_decay_steps=500_000,
-                     ckpt_every=5000, sample_every=5000, log_every=100, num_workers=8),
+                     ema_decay=0.9999, ot_decay_steps=500_000, ckpt_every=5000, sample_every=5000,
+                     log_every=100, num_workers=8),
 }
 
 
