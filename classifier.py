@@ -34,10 +34,8 @@ shares with train.py come from runtime.py and vae.open_data.
 """
 
 import argparse
-import json
 import os
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -45,7 +43,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 import checkpoint
 import data
@@ -113,10 +110,6 @@ def parse_args(argv=None):
         if getattr(args, name) is None:
             setattr(args, name, value)
     return args, checkpoint.flags_given(parser, argv)
-
-
-class Diverged(Exception):
-    """Too many consecutive non-finite steps (exit code 3)."""
 
 
 def ema_decay_at(step):
@@ -260,8 +253,9 @@ def save(run):
 
 
 def train_step(run, x, y, augment):
-    """One step on the batch (x, y), each sample at its own random time -> (loss, accuracy, gradient norm),
-    shape (3,). A non-finite step is skipped, never applied; --max-bad-steps in a row raise Diverged."""
+    """One step on the batch (x, y), each sample at its own random time -> its loss, accuracy and gradient
+    norm (0-d tensors). A non-finite step is skipped, never applied; --max-bad-steps in a row raise
+    runtime.Diverged."""
     t = torch.rand(x.shape[0], device=run.device)  # (N,)
     x_t = losses.interpolate(augment(x), torch.randn_like(x), t)
     with run.autocast():
@@ -279,24 +273,27 @@ def train_step(run, x, y, augment):
     else:
         run.bad_steps += 1
         if run.bad_steps >= run.args.max_bad_steps:
-            raise Diverged(f"the loss became non-finite: {run.bad_steps} consecutive steps up to step "
-                           f"{run.step + 1} were skipped; lower --lr or resume from {run.ckpt_path}")
+            raise runtime.Diverged(f"the loss became non-finite: {run.bad_steps} consecutive steps up to "
+                                   f"step {run.step + 1} were skipped; lower --lr or resume from "
+                                   f"{run.ckpt_path}")
     run.step += 1
-    return torch.stack([loss.detach(), (logits.argmax(1) == y).float().mean(), grad_norm.detach()])
+    return dict(loss=loss.detach(), acc=(logits.argmax(1) == y).float().mean(), grad_norm=grad_norm.detach())
 
 
-def log_values(run, x, y, pending):
+def log_values(run, x, y, log):
     """The next log line's numbers, averaged over the processes: the online network's loss, accuracy and
-    gradient norm averaged over pending (one train_step result per step), and the EMA network's accuracy at
-    each noise level on the un-augmented batch (x, y)."""
+    gradient norm averaged over the steps since the last line, and the EMA network's accuracy at each noise
+    level on the un-augmented batch (x, y). -> (values, images per second)."""
+    averages, img_per_s = log.averages(run.step)
     with run.autocast():
         by_level = accuracy_by_noise_level(run.ema, x, y, seed=run.step * 1000 + run.rank)
     # (3 + len(NOISE_LEVELS),)
-    values = torch.cat([torch.stack(pending).mean(0), torch.stack(list(by_level.values())).float()])
+    values = torch.cat([torch.tensor(list(averages.values()), device=run.device),
+                        torch.stack(list(by_level.values())).float()])
     if run.world_size > 1:
         dist.all_reduce(values)
         values /= run.world_size
-    return dict(zip(["loss", "acc", "grad_norm", *by_level], values.tolist()))
+    return dict(zip([*averages, *by_level], values.tolist())), img_per_s
 
 
 def train_classifier(args, given=()):
@@ -309,35 +306,26 @@ def train_classifier(args, given=()):
               f"{run.source.num_classes} classes, {run.world_size} x {run.device}, "
               f"global batch {args.batch_size}, starting at step {run.step}")
     augment = AffineAugment()
-    log_file = open(os.path.join(args.out_dir, "classifier_log.jsonl"), "a") if main_process else None
+    log = runtime.TrainingLog(os.path.join(args.out_dir, "classifier_log.jsonl"), args.max_steps, run.step,
+                              args.batch_size, main_process)
     stop = checkpoint.StopFlag()
-    progress = tqdm(total=args.max_steps, initial=run.step, disable=not main_process, dynamic_ncols=True)
-    pending, tic, tic_step = [], time.time(), run.step
     try:  # an error ends the progress bar first, so that its line starts on a clean line
         while run.step < args.max_steps:
             x, y = run.source.next_batch()
-            pending.append(train_step(run, x, y, augment))
+            log.add(train_step(run, x, y, augment))
             if run.step % args.log_every == 0 or run.step == args.max_steps:
-                values = log_values(run, x, y, pending)
-                images_per_s = (run.step - tic_step) * args.batch_size / max(time.time() - tic, 1e-9)
-                record = dict(step=run.step, **values, lr=run.opt.param_groups[0]["lr"],
-                              img_per_s=images_per_s)
-                pending, tic, tic_step = [], time.time(), run.step
-                if main_process:
-                    log_file.write(json.dumps(record) + "\n")
-                    log_file.flush()
-                    progress.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['acc']:.2f}",
-                                         acc_t0=f"{record['acc_t0']:.2f}", acc_t1=f"{record['acc_t1']:.2f}")
+                values, img_per_s = log_values(run, x, y, log)
+                log(dict(step=run.step, **values, lr=run.opt.param_groups[0]["lr"], img_per_s=img_per_s))
+                log.progress.set_postfix(loss=f"{values['loss']:.3f}", acc=f"{values['acc']:.2f}",
+                                         acc_t0=f"{values['acc_t0']:.2f}", acc_t1=f"{values['acc_t1']:.2f}")
             stopping = stop.agreed(run.device, run.world_size)
             if run.step % args.ckpt_every == 0 or run.step == args.max_steps or stopping:
                 save(run)
-            progress.update(1)
+            log.progress.update(1)
             if stopping:
                 break
     finally:
-        progress.close()
-        if log_file:
-            log_file.close()
+        log.close()
     if run.world_size > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -347,7 +335,7 @@ def train_classifier(args, given=()):
 def main(argv=None):
     args, given = parse_args(argv)
     code = runtime.run(lambda: train_classifier(args, given), args.debug,
-                       {Diverged: 3, (data.DataError, checkpoint.CheckpointError, vae.VAEError): 2})
+                       {runtime.Diverged: 3, (data.DataError, checkpoint.CheckpointError, vae.VAEError): 2})
     if code:
         sys.exit(code)
 

@@ -1,17 +1,19 @@
-"""What every entry point shares: the processes and the device it runs on, the matmul precision, and how an
-error becomes a one-line message and an exit code.
+"""What every entry point shares: the processes and the device it runs on, the matmul precision, how an
+error becomes a one-line message and an exit code, and a training run's log.
 
 train.py, classifier.py, sample.py, fid.py, vae.py and bench.py all start here, so that --device, torchrun and
 the exit codes mean the same in each. It imports nothing of ours.
 """
 
 import contextlib
+import json
 import os
 import sys
+import time
 
 import torch
 import torch.distributed as dist
-
+from tqdm import tqdm
 
 
 def default_device():
@@ -44,6 +46,10 @@ def set_precision(precision, device):
     return contextlib.nullcontext
 
 
+class Diverged(Exception):
+    """A training run's loss or gradients stayed non-finite for too many consecutive steps (exit code 3)."""
+
+
 def run(body, debug, codes, quiet=lambda error: False):
     """body() -> 0; or, for an error of a class in codes ({class or tuple of classes: exit code}, first
     match wins), one line "error: ..." on stderr (unless quiet(error)) and its exit code. With debug (--debug)
@@ -58,3 +64,44 @@ def run(body, debug, codes, quiet=lambda error: False):
             print(f"error: {error}", file=sys.stderr)
         return next(code for key, code in codes.items() if isinstance(error, key))
     return 0
+
+
+class TrainingLog:
+    """A training run's log (train.py, classifier.py): one JSON line per record in a .jsonl file, and a tqdm
+    progress bar; both on rank 0 only. Per-step metrics (dicts of 0-d tensors) are queued with add() and
+    averaged by averages(): one host sync per logging interval, not one per step."""
+
+    def __init__(self, path, max_steps, step, batch_size, main_process):
+        self.file = open(path, "a") if main_process else None
+        self.progress = tqdm(total=max_steps, initial=step, disable=not main_process, dynamic_ncols=True)
+        self.batch_size = batch_size
+        self.pending = []
+        self.tic = time.time()
+        self.tic_step = step
+
+    def add(self, metrics):
+        self.pending.append(metrics)
+
+    def averages(self, step):
+        """-> (mean of each queued metric, images per second since the last call); empties the queue."""
+        names = list(self.pending[0])
+        # (steps, metrics)
+        stacked = torch.stack([torch.stack([m[n].float() for n in names]) for m in self.pending])
+        img_per_s = (step - self.tic_step) * self.batch_size / max(time.time() - self.tic, 1e-9)
+        self.pending = []
+        self.tic = time.time()
+        self.tic_step = step
+        return dict(zip(names, stacked.mean(0).tolist())), img_per_s
+
+    def __call__(self, record, message=None):
+        """Write record; print "step N: message" (or the record's event) above the progress bar."""
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+            if message or "event" in record:
+                self.progress.write(f"step {record['step']}: {message or record['event']}")
+
+    def close(self):
+        self.progress.close()
+        if self.file is not None:
+            self.file.close()

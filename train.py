@@ -15,7 +15,7 @@ own data batch of --batch-size images (global, split over ranks):
 
 Around them: data.py and vae.open_data (the data), checkpoint.py (run state: ckpt.pt, resume, signals),
 recipe.py (Table 11's phases, guidance, reloads, in-loop FID, the sample judge), runtime.py (processes,
-devices and exit codes).
+devices, exit codes and the log).
 
 Under torchrun each rank runs this same file; DDP averages gradients only where a network is being updated:
 the D update goes through DDP(D), the G update through DDP(G), and the frozen or no_grad calls use the plain
@@ -28,13 +28,11 @@ import math
 import os
 import random
 import sys
-import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 import checkpoint
 import classifier
@@ -46,7 +44,7 @@ import vae
 from gradnorm import GradientNormalization
 from model import MODELS, Discriminator, Generator
 from recipe import ArgumentError
-from runtime import run, set_precision, setup_distributed
+from runtime import Diverged, TrainingLog, run, set_precision, setup_distributed
 from sample import grid_labels, sample_images, write_grid
 
 # ------------------------------------------------------------------------------------------------------------
@@ -349,55 +347,19 @@ def train_step(nets, args, x_d, y_d, x_g, y_g, ot_scale, autocast, augment=None,
 # 4. The loop
 
 
-class Diverged(Exception):
-    """Too many consecutive non-finite steps (exit code 3)."""
-
-
 def due(step, every, last):
     return step % every == 0 or last
 
 
-class Log:
-    """log.jsonl and the progress bar (rank 0). Metrics are queued as 0-d tensors and averaged once per
-    --log-every steps: one host sync per interval."""
-
-    def __init__(self, args, step, main_process):
-        self.file = open(os.path.join(args.out_dir, "log.jsonl"), "a") if main_process else None
-        self.progress = tqdm(total=args.max_steps, initial=step, disable=not main_process, dynamic_ncols=True)
-        self.pending = []
-        self.tic = time.time()
-        self.tic_step = step
-        self.batch_size = args.batch_size
-
-    def add(self, metrics):
-        self.pending.append(metrics)
-
-    def __call__(self, record, message=None):
-        if self.file is not None:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
-            if message or "event" in record:
-                self.progress.write(f"step {record['step']}: {message or record['event']}")
-
-    def metrics(self, step, minutes, nets, ot_scale):
-        names = list(self.pending[0])
-        stacked = torch.stack([torch.stack([m[n].float() for n in names]) for m in self.pending])
-        values = stacked.mean(0).tolist()
-        img_per_s = (step - self.tic_step) * self.batch_size / max(time.time() - self.tic, 1e-9)
-        record = dict(step=step, minutes=minutes, **dict(zip(names, values)), ot_scale=ot_scale,
-                      lr_g=nets.opt_g.param_groups[0]["lr"], lr_d=nets.opt_d.param_groups[0]["lr"],
-                      img_per_s=img_per_s)
-        self.pending = []
-        self.tic = time.time()
-        self.tic_step = step
-        self(record)
-        self.progress.set_postfix(d=f"{record['d_loss']:.3f}", g=f"{record['g_adv']:.3f}",
-                                  ot=f"{record['g_ot']:.3f}", img_s=f"{img_per_s:.0f}")
-
-    def close(self):
-        self.progress.close()
-        if self.file is not None:
-            self.file.close()
+def log_metrics(log, step, minutes, nets, ot_scale):
+    """One log.jsonl line: the metrics averaged since the last one, the schedules, and the speed."""
+    averages, img_per_s = log.averages(step)
+    record = dict(step=step, minutes=minutes, **averages, ot_scale=ot_scale,
+                  lr_g=nets.opt_g.param_groups[0]["lr"], lr_d=nets.opt_d.param_groups[0]["lr"],
+                  img_per_s=img_per_s)
+    log(record)
+    log.progress.set_postfix(d=f"{record['d_loss']:.3f}", g=f"{record['g_adv']:.3f}",
+                             ot=f"{record['g_ot']:.3f}", img_s=f"{img_per_s:.0f}")
 
 
 def resumed_args(args, given):
@@ -468,7 +430,8 @@ def train(args):
     clock = checkpoint.Clock((resume_state or {}).get("train_seconds", 0.0))
     augment = recipe.make_augment(args)
     guidance = recipe.make_guidance(args, device)
-    log = Log(args, step, main_process=rank == 0)
+    log = TrainingLog(os.path.join(args.out_dir, "log.jsonl"), args.max_steps, step, args.batch_size,
+                      main_process=rank == 0)
 
     def run_state():
         extra = {**extras.state(), "train_seconds": clock.seconds()}
@@ -496,7 +459,7 @@ def train(args):
                 raise Diverged(divergence_message(bad_steps, step, args.out_dir, last_saved_step))
             log.add(metrics)
             if due(step, args.log_every, last):
-                log.metrics(step, clock.seconds() / 60, nets, ot_scale)
+                log_metrics(log, step, clock.seconds() / 60, nets, ot_scale)
             if args.max_minutes and clock.seconds() >= args.max_minutes * 60:
                 stop.requested = True  # like a signal: every rank stops at this step, after a checkpoint
             stopping = stop.agreed(device, world_size)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import authors_step
 import bench
 import losses
 import train
@@ -106,14 +107,14 @@ def test_baseline_computes_train_objective(nfe):
     steps G, moves the EMA toward it and leaves no gradients behind."""
     _, args = bench.parse_args(["--model", "T/4", "--image-size", "8", "--batch-size", "4", "--nfe", nfe])
     generator_kwargs, discriminator_kwargs = train.network_kwargs(args, 3, 8, 10)
-    nets = bench.build_authors_nets(args, generator_kwargs, discriminator_kwargs, torch.device("cpu"))
+    nets = authors_step.build_nets(args, generator_kwargs, discriminator_kwargs, torch.device("cpu"))
     x, y = torch.randn(4, 3, 8, 8), torch.randint(10, (4,))
     autocast = train.set_precision("fp32", torch.device("cpu"))
 
     torch.manual_seed(1)
     d_loss, _ = losses.discriminator_objective(nets.G, nets.D, x, y, nfe=args.nfe, pred=args.pred)
     torch.manual_seed(1)
-    assert bench.authors_d_update(nets, args, x, y, autocast) == pytest.approx(d_loss.item(), rel=1e-5)
+    assert authors_step.d_update(nets, args, x, y, autocast) == pytest.approx(d_loss.item(), rel=1e-5)
 
     g_before, ema_before = ([p.detach().clone() for p in net.parameters()] for net in (nets.G, nets.ema))
     torch.manual_seed(2)
@@ -122,7 +123,7 @@ def test_baseline_computes_train_objective(nfe):
     g_loss, _ = losses.generator_objective(nets.G, nets.D, nets.gradnorm, x, y, nfe=args.nfe, pred=args.pred,
                                            ot_scale=0.2)
     torch.manual_seed(2)
-    assert bench.authors_g_update(nets, args, x, y, 0.2, autocast) == pytest.approx(g_loss.item(), rel=1e-5)
+    assert authors_step.g_update(nets, args, x, y, 0.2, autocast) == pytest.approx(g_loss.item(), rel=1e-5)
     assert any(not torch.equal(b, p) for b, p in zip(g_before, nets.G.parameters()))
     for before, ema_p, p in zip(ema_before, nets.ema.parameters(), nets.G.parameters()):
         assert torch.allclose(ema_p, before.lerp(p, 1 - args.ema_decay))
