@@ -15,9 +15,18 @@ import json
 import math
 import os
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
+
+
+def new_drawing(size):
+    """A white image and its drawing context, in pillow's scalable default font (its bitmap font all but drops
+    the spaces between words)."""
+    image = Image.new("RGB", size, (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    draw.font = ImageFont.load_default(size=12)
+    return image, draw
 
 
 def read_log(run):
@@ -44,7 +53,7 @@ def draw_panel(draw, box, runs, key, title, log_scale):
                 bottom - (bottom - top) * (value - lo) / (hi - lo))
 
     draw.rectangle(box, outline=(0, 0, 0))
-    draw.text((left, top - 14), title, fill=(0, 0, 0))
+    draw.text((left, top - 16), title, fill=(0, 0, 0))
     for fraction in (0, 0.5, 1):
         label = lo + fraction * (hi - lo)
         label = f"{10 ** label:.3g}" if log_scale else f"{label:.2f}"
@@ -59,14 +68,15 @@ def draw_panel(draw, box, runs, key, title, log_scale):
 
 
 def draw_curves(runs, names, path):
-    image = Image.new("RGB", (900, 340), (255, 255, 255))  # two panels of 370 x 250 px
-    draw = ImageDraw.Draw(image)
+    image, draw = new_drawing((900, 340))  # two panels of 370 x 250 px
     draw_panel(draw, (60, 30, 430, 280), runs, "judge_accuracy_ratio",
                "sample class accuracy / A_real (higher is better)", log_scale=False)
     draw_panel(draw, (510, 30, 880, 280), runs, "judge_fd_ratio",
                "Frechet distance / untrained generator's (log)", log_scale=True)
-    for i, name in enumerate(names):  # the legend, once, above both panels
-        draw.text((330 + 160 * i, 2), "-- " + name, fill=COLOURS[i % len(COLOURS)])
+    for i, name in enumerate(names):  # the legend, once, below both panels
+        x, colour = 330 + 160 * i, COLOURS[i % len(COLOURS)]
+        draw.line([(x, 330), (x + 20, 330)], fill=colour, width=2)
+        draw.text((x + 26, 323), name, fill=colour)
     image.save(path)
 
 
@@ -85,9 +95,7 @@ def draw_grids(runs, logs, names, minutes, path, gap=12, label=18):
     cells = [[(grid.resize((grid.size[0] * scale, grid.size[1] * scale), Image.NEAREST), minute, step)
               for grid, minute, step in row] for row in cells]
     width, height = cells[0][0][0].size
-    image = Image.new("RGB", (len(minutes) * (width + gap), len(runs) * (height + label + gap)),
-                      (255, 255, 255))
-    draw = ImageDraw.Draw(image)
+    image, draw = new_drawing((len(minutes) * (width + gap), len(runs) * (height + label + gap)))
     for row, (name, run_cells) in enumerate(zip(names, cells)):
         for column, (grid, minute, step) in enumerate(run_cells):
             x, y = column * (width + gap), row * (height + label + gap)
