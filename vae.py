@@ -61,6 +61,7 @@ from tqdm import tqdm
 import checkpoint
 import data
 import runtime
+from model import MODELS
 
 SCALING_FACTOR = 0.18215  # latent = SCALING_FACTOR * posterior mean (sd-vae-ft-mse)
 
@@ -376,9 +377,9 @@ class TrainingData:
 
 
 def open_data(args, rank, world_size, device, flip=True, decoder=False):
-    """The --data source as batches of --batch-size / world_size per rank. Rank 0 reads (or downloads) it
-    first. An ImageNet image folder is encoded on the fly into SD-VAE latents; decoder=True also loads --vae
-    to decode latents that were extracted beforehand."""
+    """The --data source as batches of --batch-size / world_size per rank, checked to fit --model's patches.
+    Rank 0 reads (or downloads) it first. An ImageNet image folder is encoded on the fly into SD-VAE latents;
+    decoder=True also loads --vae to decode latents that were extracted beforehand."""
     if world_size > 1 and rank > 0:
         dist.barrier()  # rank 0 first, so that only it downloads
     dataset, num_classes, in_channels, input_size = data.make_dataset(args.data, args.data_path,
@@ -393,6 +394,10 @@ def open_data(args, rank, world_size, device, flip=True, decoder=False):
     autoencoder = load_vae(args.vae, device).requires_grad_(False) if wanted else None
     if encode:
         in_channels, input_size = 4, input_size // 8
+    patch = MODELS[args.model]["patch_size"]
+    if input_size % patch:
+        raise data.DataError(f"{args.model} cuts its input into {patch} x {patch} patches, which do not tile "
+                             f"{input_size} x {input_size}: choose another --model or --image-size")
     loader = data.Loader(dataset, args.batch_size // world_size, rank=rank, world_size=world_size,
                          seed=args.seed, num_workers=args.num_workers, device=device, flip=flip)
 

@@ -229,10 +229,15 @@ def test_unknown_model_lists_the_valid_ones(images, tmp_path):
 
 
 def test_patches_that_do_not_tile_the_image(images, tmp_path):
-    """T/7 on 16-px images: 7-pixel patches leave a remainder. One line before any weights exist."""
+    """T/7 on 16-px images: 7-pixel patches leave a remainder. One line before any weights exist, from
+    train.py and from classifier.py."""
     result = run("train.py", *tiny(images, tmp_path / "out"), "--model", "T/7")
     assert_one_line_error(result, "T/7", "7 x 7 patches", "16 x 16", "--image-size")
     assert not (tmp_path / "out" / "ckpt.pt").exists()
+    result = run("classifier.py", *CLASSIFIER, "--data-path", images, "--model", "T/7", "--out-dir",
+                 tmp_path / "c")
+    assert_one_line_error(result, "T/7", "7 x 7 patches", "16 x 16", "--image-size")
+    assert not (tmp_path / "c" / "classifier.pt").exists()
 
 
 def test_max_minutes_stops_with_a_checkpoint_and_a_last_grid(images, tmp_path):
