@@ -68,9 +68,10 @@ from sample import grid_labels, sample_images, write_grid
 #   D augmentation       every real/fake pair is shifted by the same random -2..2 pixels before D (sec. 3.9's
 #                        paired augmentation, translation only): the seams between G's patches then fall
 #                        inside D's patches, where D sees them. Without it the samples are blocky.
-#   batch 32             28-px Fashion-MNIST runs ~230 steps a minute on one core of a 2-core CPU. Batch 128
-#                        learns more slowly for 10 minutes; at 30 its distance ratio was 0.086 in one run,
-#                        0.15 and 0.14 (at 27 minutes) in two more, against 0.137 for batch 32.
+#   batch 32             28-px Fashion-MNIST runs ~200 steps a minute on one core of a 2-core CPU (360 on
+#                        both). Batch 128 learns more slowly for 10 minutes; at 30 its distance ratio was
+#                        0.086 in one run, 0.15 and 0.14 (at 27 minutes) in two more, against 0.137 for
+#                        batch 32.
 # The MNISTs are 28 px (no padding) and never flipped (a mirrored digit is not a digit). In-memory datasets
 # need no loader processes; a folder gets one, to decode while the model trains. The judge (quality.py) labels
 # samples every judge_every steps: on by default for the MNISTs, whose judge trains in a minute; --judge-every
