@@ -57,9 +57,13 @@ from sample import grid_labels, sample_images, write_grid
 # 500,000, so they depart from the paper's row below:
 #   T/7, T/8             16 tokens: three times the steps per minute of T/4's 49, and the extra steps are what
 #                        let the samples of one class start to differ (T/4 drew one garment per class).
-#   lr 2e-3              20x the paper's 1e-4: the class embeddings start at N(0, 0.02) and the adaLN weights
-#                        at zero, so class conditioning grows roughly with lr^2. Measured: 5e-4 and 1e-3 were
-#                        slower per minute, 3e-3 no faster.
+#   lr 2e-3 (D)          20x the paper's 1e-4: the class embeddings start at N(0, 0.02) and the adaLN weights
+#                        at zero, so class conditioning grows roughly with lr^2. Measured with G at the same
+#                        rate: 5e-4 and 1e-3 were slower per minute, 3e-3 no faster.
+#   g_lr 1e-3 (G)        half of D's: the samples of a class then differ more in shape (bags with and without
+#                        handles, T-shirts of several prints). Distance ratio over minutes 27-30, G at 1e-3
+#                        against 2e-3: 0.080-0.114 against 0.115-0.146 on both cores, 0.103-0.112 against
+#                        0.137-0.194 on one; class accuracy is a little slower in the first 10 minutes.
 #   EMA 0.99, warm-up 10 the EMA decays at min(0.99, (1 + step) / (10 + step)), so it never holds the random
 #                        start; the paper's 0.9999 would average over 10,000 steps a laptop never takes.
 #   lambda_ot 0.05 -> 0.005 over 500 steps: constant 0.03 or 0.1, and 0.2 or 0.5 decayed over 400-600 steps,
@@ -68,17 +72,17 @@ from sample import grid_labels, sample_images, write_grid
 #   D augmentation       every real/fake pair is shifted by the same random -2..2 pixels before D (sec. 3.9's
 #                        paired augmentation, translation only): the seams between G's patches then fall
 #                        inside D's patches, where D sees them. Without it the samples are blocky.
-#   batch 32             28-px Fashion-MNIST runs ~200 steps a minute on one core of a 2-core CPU (360 on
-#                        both). Batch 128 learns more slowly for 10 minutes; at 30 its distance ratio was
-#                        0.086 in one run, 0.15 and 0.14 (at 27 minutes) in two more, against 0.137 for
-#                        batch 32.
+#   batch 32             28-px Fashion-MNIST runs 200-260 steps a minute on one core of a 2-core CPU (360-420
+#                        on both). With G at 2e-3, batch 128 learnt more slowly for 10 minutes; at 30 its
+#                        distance ratio was 0.086 in one run, 0.15 and 0.14 (at 27 minutes) in two more,
+#                        against 0.137 for batch 32.
 # The MNISTs are 28 px (no padding) and never flipped (a mirrored digit is not a digit). In-memory datasets
 # need no loader processes; a folder gets one, to decode while the model trains. The judge (quality.py) labels
 # samples every judge_every steps: on by default for the MNISTs, whose judge trains in a minute; --judge-every
 # N turns it on for CIFAR-10 and folders (it trains on the whole set first).
-LAPTOP = dict(batch_size=32, lr=2e-3, max_steps=20_000, ema_decay=0.99, ema_warmup=10, ot_start=0.05,
-              ot_end=0.005, ot_decay_steps=500, gp_scale=0.05, augment_p=1.0, augment_translate=0.08,
-              augment_cutouts=0, ckpt_every=1000, sample_every=500, log_every=50)
+LAPTOP = dict(batch_size=32, lr=2e-3, g_lr=1e-3, max_steps=20_000, ema_decay=0.99, ema_warmup=10,
+              ot_start=0.05, ot_end=0.005, ot_decay_steps=500, gp_scale=0.05, augment_p=1.0,
+              augment_translate=0.08, augment_cutouts=0, ckpt_every=1000, sample_every=500, log_every=50)
 
 PRESETS = {
     "fashion-mnist": dict(LAPTOP, model="T/7", image_size=28, flip=False, judge_every=250, num_workers=0),
@@ -143,11 +147,11 @@ def parse_args(argv=None):
     add("--pred", choices=["x", "v"], help="G predicts x_t (x) or a velocity (v) (default: x for 1 NFE, v "
         "otherwise, as in the paper)")
     add("--repeat", type=int, default=1, help="depth repetition of G's blocks (2 -> 56, 4 -> 112 layers for "
-        "XL/2); G's learning rate is divided by it")
+        "XL/2); the imagenet preset and the phases give G --lr divided by it")
     add("--batch-size", type=int,
         help="global batch for each of the D and G updates " + per_source("batch_size"))
-    add("--lr", type=float, help="AdamW learning rate of D, and of G before / repeat " + per_source("lr"))
-    add("--g-lr", type=float, help="G's learning rate (default: --lr / --repeat)")
+    add("--lr", type=float, help="AdamW learning rate of D " + per_source("lr"))
+    add("--g-lr", type=float, help="AdamW learning rate of G " + per_source("g_lr", "--lr / --repeat"))
     add("--weight-decay", type=float, default=0.01, help="AdamW weight decay of G and D")
     add("--ema-decay", type=float, help=per_source("ema_decay"))
     add("--ema-warmup", type=int, help="the EMA decays at min(--ema-decay, (1 + step) / (warmup + step)), so "
@@ -370,8 +374,8 @@ def resumed_args(args, given):
     state = checkpoint.load(os.path.join(args.out_dir, "ckpt.pt"))
     resumed = argparse.Namespace(**checkpoint.resumed_config(
         state["config"], vars(args), given | {"out_dir", "resume"}, FIXED_ON_RESUME))
-    if "lr" in given and "g_lr" not in given:
-        resumed.g_lr = resumed.lr / resumed.repeat
+    if "lr" in given and "g_lr" not in given:  # G's learning rate keeps its ratio to D's
+        resumed.g_lr = state["config"]["g_lr"] * resumed.lr / state["config"]["lr"]
     return resumed, state
 
 

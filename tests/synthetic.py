@@ -44,7 +44,8 @@ def make_images(per_class, seed=0, size=32):
 def write_cifar_archive(path, images, labels, test_images=None, test_labels=None):
     """Write images (N, 32, 32, 3) uint8 as CIFAR-10's python archive: 5 training batches + test_batch."""
     def batch(imgs, labs):  # planes R, G, B, each row-major, as CIFAR stores them
-        return {b"data": imgs.transpose(0, 3, 1, 2).reshape(len(imgs), -1), b"labels": [int(l) for l in labs]}
+        return {b"data": imgs.transpose(0, 3, 1, 2).reshape(len(imgs), -1),
+                b"labels": [int(label) for label in labs]}
 
     files = {f"cifar-10-batches-py/data_batch_{i + 1}": batch(imgs, labs)
              for i, (imgs, labs) in enumerate(zip(np.array_split(images, 5), np.array_split(labels, 5)))}

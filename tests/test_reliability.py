@@ -598,16 +598,19 @@ def test_divergence_names_the_last_good_checkpoint_and_keeps_it(images, trained,
 
 def test_resume_takes_a_new_learning_rate_and_config_records_what_runs(images, trained, tmp_path):
     """The divergence message says: lower --lr and resume. So --resume --lr must reach the optimizers (their
-    state_dict carries the old rate), the log must show it, and config.json must record what runs: the new lr,
-    and the checkpoint's values of the flags not typed again (TRAINED's --ckpt-every 1 and --keep 2)."""
+    state_dict carries the old rate), G's rate must keep its ratio to D's (the folder preset trains G at 1e-3,
+    half of D's 2e-3), the log must show both, and config.json must record what runs: the new rates, and the
+    checkpoint's values of the flags not typed again (TRAINED's --ckpt-every 1 and --keep 2)."""
     out = copy_checkpoint(trained, tmp_path)
+    trained_config = checkpoint.load(out / "ckpt.pt")["config"]
+    assert (trained_config["lr"], trained_config["g_lr"]) == (2e-3, 1e-3)
     result = run("train.py", *tiny(images, out, "--max-steps", 6, "--lr", "1e-3"), "--resume")
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in open(out / "log.jsonl")]
     assert [r["step"] for r in records] == [5, 6]
-    assert all(r["lr_d"] == r["lr_g"] == 1e-3 for r in records), records
+    assert all((r["lr_d"], r["lr_g"]) == (1e-3, 5e-4) for r in records), records
     config = json.load(open(out / "config.json"))
-    assert config["lr"] == config["g_lr"] == 1e-3 and config["max_steps"] == 6
+    assert (config["lr"], config["g_lr"], config["max_steps"]) == (1e-3, 5e-4, 6)
     assert config["ckpt_every"] == 1 and config["keep"] == 2
     assert checkpoint.load(out / "ckpt.pt")["config"] == config
 
