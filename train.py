@@ -62,8 +62,9 @@ from sample import grid_labels, sample_images, write_grid
 #                        rate: 5e-4 and 1e-3 were slower per minute, 3e-3 no faster.
 #   g_lr 1e-3 (G)        half of D's: the samples of a class then differ more in shape (bags with and without
 #                        handles, T-shirts of several prints). Distance ratio over minutes 27-30, G at 1e-3
-#                        against 2e-3: 0.080-0.114 against 0.115-0.146 on both cores, 0.103-0.112 against
-#                        0.137-0.194 on one; class accuracy is a little slower in the first 10 minutes.
+#                        against 2e-3: 0.080-0.114 and 0.080-0.106 (two seeds) against 0.115-0.146 on both
+#                        cores, 0.103-0.112 against 0.137-0.194 on one; class accuracy is a little slower in
+#                        the first 10 minutes.
 #   EMA 0.99, warm-up 10 the EMA decays at min(0.99, (1 + step) / (10 + step)), so it never holds the random
 #                        start; the paper's 0.9999 would average over 10,000 steps a laptop never takes.
 #   lambda_ot 0.05 -> 0.005 over 500 steps: constant 0.03 or 0.1, and 0.2 or 0.5 decayed over 400-600 steps,
@@ -77,9 +78,12 @@ from sample import grid_labels, sample_images, write_grid
 #                        distance ratio was 0.086 in one run, 0.15 and 0.14 (at 27 minutes) in two more,
 #                        against 0.137 for batch 32.
 # The MNISTs are 28 px (no padding) and never flipped (a mirrored digit is not a digit). In-memory datasets
-# need no loader processes; a folder gets one, to decode while the model trains. The judge (quality.py) labels
-# samples every judge_every steps: on by default for the MNISTs, whose judge trains in a minute; --judge-every
-# N turns it on for CIFAR-10 and folders (it trains on the whole set first).
+# need no loader processes; a folder gets one, to decode while the model trains (a 500 x 375 JPEG takes
+# 2-3.6 ms to decode and shrink to 32 px, so a step's 64 real images take about as long as the step itself).
+# A folder of images already near 32 px decodes in 0.1 ms each: there --num-workers 0 is faster on a 2-core
+# CPU (28-px digits: 410 steps a minute against 340; the worker competes with training for the two cores).
+# The judge (quality.py) labels samples every judge_every steps: on by default for the MNISTs, whose judge
+# trains in a minute; --judge-every N turns it on for CIFAR-10 and folders (it trains on the whole set first).
 LAPTOP = dict(batch_size=32, lr=2e-3, g_lr=1e-3, max_steps=20_000, ema_decay=0.99, ema_warmup=10,
               ot_start=0.05, ot_end=0.005, ot_decay_steps=500, gp_scale=0.05, augment_p=1.0,
               augment_translate=0.08, augment_cutouts=0, ckpt_every=1000, sample_every=500, log_every=50)
