@@ -155,7 +155,8 @@ def parse_args(argv=None):
     add("--batch-size", type=int,
         help="global batch for each of the D and G updates " + per_source("batch_size"))
     add("--lr", type=float, help="AdamW learning rate of D " + per_source("lr"))
-    add("--g-lr", type=float, help="AdamW learning rate of G " + per_source("g_lr", "--lr / --repeat"))
+    add("--g-lr", type=float, help="AdamW learning rate of G " + per_source("g_lr", "--lr / --repeat") +
+        "; with --phase: --lr / --repeat")
     add("--weight-decay", type=float, default=0.01, help="AdamW weight decay of G and D")
     add("--ema-decay", type=float, help=per_source("ema_decay"))
     add("--ema-warmup", type=int, help="the EMA decays at min(--ema-decay, (1 + step) / (warmup + step)), so "
@@ -207,7 +208,10 @@ def parse_args(argv=None):
         p.error(f"--nfe must be a positive integer or 'any', got {args.nfe!r}")
     model = args.model or PRESETS[args.data]["model"]
     phase = recipe.phase_preset(args.phase, args.nfe, args.repeat, model) if args.phase else {}
-    for preset in (phase, PRESETS[args.data], paper_defaults(args.nfe, args.repeat)):
+    data_row = PRESETS[args.data]
+    if args.phase:  # the paper's G rate, --lr / --repeat (below), over any data row's own
+        data_row = {name: value for name, value in data_row.items() if name != "g_lr"}
+    for preset in (phase, data_row, paper_defaults(args.nfe, args.repeat)):
         for name, value in preset.items():
             if getattr(args, name, None) is None:
                 setattr(args, name, value)

@@ -150,7 +150,11 @@ def test_phases_for_multistep_and_deep_generators():
 
 def test_explicit_flags_override_the_phase():
     args = train.parse_args(["--data", "imagenet", "--phase", "4", "--lr", "1e-5", "--augment-p", "0"])
-    assert (args.lr, args.augment_p, args.cg_scale) == (1e-5, 0.0, 0.003)
+    assert (args.lr, args.g_lr, args.augment_p, args.cg_scale) == (1e-5, 1e-5, 0.0, 0.003)
+    deep = train.parse_args(["--data", "imagenet", "--repeat", "4", "--phase", "3", "--lr", "2e-5"])
+    assert (deep.lr, deep.g_lr) == (2e-5, 5e-6)  # G follows a typed --lr, divided by --repeat
+    laptop = train.parse_args(["--data", "fashion-mnist", "--phase", "1"])
+    assert (laptop.lr, laptop.g_lr) == (1e-4, 1e-4)  # a phase sets G's rate over the laptop row's 1e-3
 
 
 def test_discriminator_augmentation_of_the_laptop_rows_and_of_phase_4():
