@@ -1,24 +1,30 @@
 """Checkpoint files: written atomically, read without executing anything, checked against the model.
 
 - save(): torch.save to a temporary file in the same directory, flush, fsync, then os.replace over the target.
-  A crash at any moment leaves either the old file or the new one, never a torn one.
+  A crash at any moment leaves either the old file or the new one, never a torn one; a failed write (a full
+  disk) is a runtime.WriteError that names the file and the cause.
 - load(): torch.load(weights_only=True). A file that needs arbitrary unpickling (a class, a function, a
   `__reduce__` payload) is refused before anything in it runs.
 - load_weights(): compares keys and shapes first, so a mismatch is reported as one line naming the first
   offending key, instead of PyTorch's multi-line dump.
 
-And the state of a run, so that a resumed run continues bitwise exactly: the output folder, every rank's
-random state (a resumed run draws exactly the numbers it would have drawn), the SIGINT/SIGTERM flag that saves
-before exiting, the training clock, the resumed configuration (the checkpoint's, with the flags typed now on
-top), and train.py's ckpt.pt itself: what it holds, --keep's step-stamped copies, restoring it.
+And the state of a run, so that a resumed run continues bitwise exactly: the output folder (one run's at a
+time, never written over unasked; a failed write reported with what is left), every rank's random state (a
+resumed run draws exactly the numbers it would have drawn), the SIGINT/SIGTERM flag that saves before exiting,
+the training clock, the resumed configuration (the checkpoint's, with the flags typed now on top), and
+train.py's ckpt.pt itself: what it holds, --keep's step-stamped copies, restoring it.
 """
 
 import contextlib
+import errno
+import fcntl
+import glob
 import os
 import pickle
 import pickletools
 import random
 import re
+import shutil
 import signal
 import sys
 import time
@@ -28,28 +34,52 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import runtime
+
 
 class CheckpointError(Exception):
     """A checkpoint that is missing, corrupt, unsafe, or does not fit the model. The message is one line."""
 
 
+# torch.save's zip writer reports a failed write as a RuntimeError of its own ("[enforce fail at
+# inline_container.cc:672] . unexpected pos ...", "PytorchStreamWriter failed writing file ...").
+ZIP_WRITER_FAILED = re.compile(r"inline_container\.cc|PytorchStreamWriter failed")
+NEARLY_FULL = 1 << 20  # bytes: a write that failed with less than this free ran out of space
+
+
 def save(obj, path):
     directory = os.path.dirname(os.path.abspath(path))
     tmp_path = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        with open(tmp_path, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    finally:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-    dir_fd = os.open(directory, os.O_RDONLY)  # make the rename itself durable
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    with runtime.writing(path):
+        try:
+            with open(tmp_path, "wb") as f:
+                try:
+                    torch.save(obj, f)
+                except RuntimeError as error:
+                    if not ZIP_WRITER_FAILED.search(str(error)):
+                        raise
+                    raise zip_writer_cause(error, directory) from None
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp_path, path)
+        finally:
+            if os.path.exists(tmp_path):
+                os.remove(tmp_path)
+        dir_fd = os.open(directory, os.O_RDONLY)  # make the rename itself durable
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def zip_writer_cause(error, directory):
+    """The OSError behind torch's zip writer failing: the one it failed during, if it kept it; else no space
+    left on device when the disk is full (checked while the temporary file still fills it); else EIO."""
+    if isinstance(error.__context__, OSError):
+        return error.__context__
+    if shutil.disk_usage(directory).free < NEARLY_FULL:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return OSError(errno.EIO, f"PyTorch's zip writer failed ({str(error).splitlines()[0]})")
 
 
 def _pickle_with_globals(path):
@@ -126,6 +156,121 @@ def check_out_dir(out_dir):
         os.remove(probe)
     except OSError as e:
         raise CheckpointError(f"--out-dir {out_dir} is not writable ({e.strerror})") from None
+
+
+def claim_out_dir(out_dir, run_files, resume, overwrite, rank):
+    """Make out_dir this run's own, before anything is read or written there. Rank 0 does it for the ranks of
+    a torchrun, which share the folder. run_files: glob patterns of what the run writes in out_dir; those
+    ending in .pt are its checkpoints. CheckpointError (one line) when
+
+    - another live process owns out_dir (the line names its pid);
+    - a new run (not resume) would start where a checkpoint is, unless overwrite: that deletes run_files
+      there first.
+
+    Then the temporary files of processes killed while writing are removed; a live process's stay."""
+    if rank != 0:
+        return
+    if resume and overwrite:
+        raise CheckpointError("--resume continues the run in --out-dir and --overwrite deletes it: pass one")
+    check_out_dir(out_dir)
+    lock(out_dir)
+    if not resume:
+        found = run_files_in(out_dir, run_files)
+        checkpoints = [path for path in found if path.endswith(".pt")]
+        if checkpoints and not overwrite:
+            step = saved_step(checkpoints[0])
+            raise CheckpointError(
+                f"--out-dir {out_dir} holds a run ({checkpoints[0]}, "
+                f"{'unreadable' if step is None else f'step {step}'}): --resume continues it; to start a new "
+                f"one, pass another --out-dir, or --overwrite to delete its {', '.join(run_files)} first")
+        for path in found if overwrite else []:
+            os.remove(path)
+    remove_temporary_files_of_dead_processes(out_dir)
+
+
+LOCK_NAME = ".lock"  # in every run folder: the pid of the process that owns it
+_owned = {}  # (st_dev, st_ino) of each folder this process owns -> its locked file descriptor
+
+
+def lock(out_dir):
+    """Own out_dir until this process exits: a POSIX lock on out_dir/.lock, which the kernel drops when its
+    process ends, however it ends (kill -9 included). Not flock(): a data-loader worker forked from the run
+    would share that lock and keep the folder after its parent is killed; a POSIX lock is one process's.
+    CheckpointError when another process holds it."""
+    folder = os.stat(out_dir)
+    if (folder.st_dev, folder.st_ino) in _owned:  # a second run in this process (e.g. a test)
+        return
+    path = os.path.join(out_dir, LOCK_NAME)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        if error.errno not in (errno.EACCES, errno.EAGAIN):  # a file system without locks (some NFS mounts)
+            os.close(fd)
+            print(f"warning: cannot lock {path} ({error.strerror}): nothing stops a second run from writing "
+                  f"into {out_dir} at the same time", file=sys.stderr)
+            return
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        who = f"pid {holder}" if holder.isdigit() else "its pid not yet written"
+        raise CheckpointError(f"--out-dir {out_dir} is in use by another run ({who}): wait for it to end, or "
+                              f"pass another --out-dir") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _owned[(folder.st_dev, folder.st_ino)] = fd
+
+
+def run_files_in(out_dir, run_files):
+    """The files in out_dir matching the glob patterns run_files: pattern by pattern, the last name first."""
+    return [path for pattern in run_files
+            for path in sorted(glob.glob(os.path.join(glob.escape(out_dir), pattern)), reverse=True)]
+
+
+def saved_step(path):
+    """The step of the checkpoint at path, read without reading its tensors (they are memory-mapped); None
+    when it does not load (missing, truncated, corrupt, or not a torch.save zip file)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # untrusted bytes: any failure to parse them means a damaged file
+        return None
+    return state.get("step") if isinstance(state, dict) else None
+
+
+TEMPORARY_FILE = re.compile(r"\..+\.tmp(\d+)")  # save()'s: .NAME.tmpPID
+
+
+def remove_temporary_files_of_dead_processes(out_dir):
+    for name in os.listdir(out_dir):
+        found = TEMPORARY_FILE.fullmatch(name)
+        if found and not process_alive(int(found.group(1))):
+            os.remove(os.path.join(out_dir, name))
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0 only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, run by another user
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def reporting_write_errors(ckpt_path):
+    """Around a training run: a file that cannot be written (runtime.WriteError: no space left, ...) ends it
+    with one line that also says what ckpt_path holds, read to check: the last checkpoint, intact, or none."""
+    try:
+        yield
+    except runtime.WriteError as error:
+        step = saved_step(ckpt_path)
+        if step is not None:
+            left = f"the last checkpoint, {ckpt_path} (step {step}), is intact: --resume continues from it"
+        elif os.path.exists(ckpt_path):
+            left = f"{ckpt_path} does not load"
+        else:
+            left = "no checkpoint was written yet"
+        raise runtime.WriteError(f"{error}; {left}") from None
 
 
 def rng_state():
@@ -251,23 +396,39 @@ def all_finite(tensors):
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
-def save_training_state(state, nets, out_dir, keep):
+def save_training_state(state, modules, out_dir, keep):
     """Atomically write out_dir/ckpt.pt, and keep the last `keep` step-stamped copies (--keep). Never writes
-    non-finite weights: -> False instead."""
-    if not all_finite(list(nets.G.parameters()) + list(nets.D.parameters()) + list(nets.ema.parameters())):
+    the state while a network in modules has non-finite weights: -> False instead."""
+    if not all_finite([p for module in modules for p in module.parameters()]):
         print(f"warning: not saving step {state['step']}: the weights are not finite", file=sys.stderr)
         return False
     path = os.path.join(out_dir, "ckpt.pt")
     save(state, path)
     if keep > 0:
         stamped = os.path.join(out_dir, f"ckpt-{state['step']:08d}.pt")
-        if os.path.exists(stamped):
-            os.remove(stamped)
-        os.link(path, stamped)  # a second name for the same finished file: atomic and free
-        old = sorted(f for f in os.listdir(out_dir) if f.startswith("ckpt-") and f.endswith(".pt"))[:-keep]
-        for name in old:
-            os.remove(os.path.join(out_dir, name))
+        with runtime.writing(stamped):
+            if os.path.exists(stamped):
+                os.remove(stamped)
+            os.link(path, stamped)  # a second name for the same finished file: atomic and free
+            old = sorted(f for f in os.listdir(out_dir) if f.startswith("ckpt-") and f.endswith(".pt"))
+            for name in old[:-keep]:
+                os.remove(os.path.join(out_dir, name))
     return True
+
+
+def load_training_state(out_dir):
+    """out_dir/ckpt.pt, to resume from. When it does not load, the CheckpointError also names the newest
+    --keep copy that does; --resume never falls back to it unasked."""
+    path = os.path.join(out_dir, "ckpt.pt")
+    try:
+        return load(path)
+    except CheckpointError as error:
+        for copy in sorted(glob.glob(os.path.join(glob.escape(out_dir), "ckpt-*.pt")), reverse=True):
+            step = saved_step(copy)
+            if step is not None:
+                raise CheckpointError(f"{error}; the newest complete copy is {copy} (step {step}): copy it "
+                                      f"to {path} to resume from it") from None
+        raise
 
 
 def load_networks(nets, state, source):

@@ -1,8 +1,8 @@
 """Sample quality a laptop can afford: a small classifier trained on the real images judges the samples.
 
 FID needs an Inception network at 299 px (about 1.5 images/s on one CPU core), so it is an end-of-run number.
-While training on small datasets (MNIST, Fashion-MNIST, CIFAR-10, small folders) we watch two cheaper ones,
-computed on class-balanced 1-NFE samples of the EMA generator:
+While training on small datasets (MNIST, Fashion-MNIST, CIFAR-10, small folders) we watch cheaper ones,
+computed on class-balanced samples of the EMA generator:
 
     accuracy   the share of samples that the judge labels as their conditioning class. Read it against A_real,
                the judge's accuracy on real held-out images: accuracy / A_real = 1 means the generator draws
@@ -12,11 +12,21 @@ computed on class-balanced 1-NFE samples of the EMA generator:
                divides it by the distance of the untrained generator, whose samples are all mid-gray (G's head
                starts at zero).
 
-Neither number is comparable with published FIDs: the feature space is a 20k-parameter CNN trained here, and
-the sample count is small (the FD of a finite sample is biased upwards; compare runs at the same count).
+    precision  improved precision and recall (Kynkaanniemi et al. 2019, k = 3) in the same features, against
+    recall     1,000 real held-out images. Each point of a set owns a ball reaching its k-th nearest neighbour
+               in that set; precision is the share of samples inside some real image's ball (are the samples
+               realistic?), recall the share of real images inside some sample's ball (is every kind of image
+               drawn?). A generator that draws one image per class has recall near 0, however good that
+               image is. The judge file holds the real features and the ceiling: the precision and recall of
+               another 1,000 real held-out images.
 
-    python quality.py --data fashion-mnist --out judge.pt      # train a judge once (60 s on one CPU core)
-    python quality.py --judge judge.pt --ckpt out/ckpt.pt      # judge a checkpoint's EMA generator
+None of these numbers is comparable with published FIDs: the feature space is a 20k-parameter CNN trained
+here, and the sample count is small (the FD of a finite sample is biased upwards; compare runs at the same
+count).
+
+    python quality.py --data fashion-mnist --out judge.pt              # train a judge once (60 s on one core)
+    python quality.py --judge judge.pt --ckpt out/ckpt.pt              # judge a checkpoint's EMA generator
+    python quality.py --judge judge.pt --ckpt fm/ckpt.pt --nfe 1,2,4   # ... at several step counts
 """
 
 import argparse
@@ -34,7 +44,7 @@ import data
 import fid
 import runtime
 from model import Generator
-from sample import sample
+from sample import SampleError, sample, sampling_steps
 
 FEATURE_DIM = 128
 
@@ -109,6 +119,28 @@ def statistics(features):
     return stats.mean_and_covariance()
 
 
+def ball_radii(features, k=3):
+    """(N, D) -> (N,): each point's distance to its k-th nearest neighbour among the others."""
+    distances = torch.cdist(features, features)  # (N, N), zero on the diagonal
+    return distances.kthvalue(k + 1, dim=1).values  # the point itself is the first of the k + 1
+
+
+def share_covered(points, centres, radii):
+    """The share of points (M, D) that lie in at least one ball (centres (N, D), radii (N,))."""
+    inside = torch.cdist(points, centres) <= radii[None]  # (M, N)
+    return inside.any(dim=1).double().mean().item()
+
+
+def precision_recall(real, fake, k=3):
+    """Improved precision and recall (Kynkaanniemi et al. 2019) of fake features (M, D) against real (N, D):
+    -> (share of fakes inside the real manifold, share of reals inside the fake manifold)."""
+    real, fake = real.double(), fake.double()
+    return share_covered(fake, real, ball_radii(real, k)), share_covered(real, fake, ball_radii(fake, k))
+
+
+PR_IMAGES = 1000  # real held-out images in the reference of precision and recall, and as many in the ceiling
+
+
 def train_judge(name, data_path, image_size, steps=1500, batch_size=64, lr=2e-3, seed=0, log=print):
     """Train a judge on the real training set -> its file's contents:
     weights, A_real and the real statistics."""
@@ -134,10 +166,19 @@ def train_judge(name, data_path, image_size, steps=1500, batch_size=64, lr=2e-3,
     _, features = accuracy_and_features(judge, to_input(x[reference]), torch.from_numpy(y[reference]))
     mu, sigma = statistics(features)
     log(f"judge: accuracy on {len(x_test)} real held-out images A_real = {real_accuracy:.4f}")
+    # precision and recall: a reference of held-out images, and the score of as many others against it
+    held_out = np.random.default_rng(seed).permutation(len(x_test))
+    n = min(PR_IMAGES, len(x_test) // 2)
+    _, pr_features = accuracy_and_features(judge, to_input(x_test[held_out[:2 * n]]),
+                                           torch.from_numpy(y_test[held_out[:2 * n]]))
+    ceiling = precision_recall(pr_features[:n], pr_features[n:])
+    log(f"judge: {n} real held-out images against {n} others: precision {ceiling[0]:.3f}, "
+        f"recall {ceiling[1]:.3f}")
     return {"kwargs": dict(in_channels=judge.in_channels, image_size=image_size,
                            num_classes=judge.num_classes),
             "state_dict": judge.state_dict(), "real_accuracy": real_accuracy, "mu": torch.from_numpy(mu),
-            "sigma": torch.from_numpy(sigma), "data": name}
+            "sigma": torch.from_numpy(sigma), "data": name, "pr_features": pr_features[:n],
+            "pr_ceiling": torch.tensor(ceiling)}
 
 
 def load_judge(path):
@@ -176,10 +217,12 @@ class SampleJudge:
         self.noise = torch.randn(num_samples, *shape, generator=generator)       # (N, C, S, S)
         self.labels = torch.arange(num_samples) % judge.num_classes                # (N,)
         self.untrained_fd = None
+        self.pr_features = state.get("pr_features")  # (n, 128); absent from judge files of older versions
 
     @torch.no_grad()
     def __call__(self, generator, nfe=1, pred="x", batch_size=250):
-        """-> dict(accuracy, accuracy_ratio, fd, fd_ratio) of the generator's samples."""
+        """-> dict(accuracy, accuracy_ratio, fd, fd_ratio, precision, recall) of the generator's samples
+        (precision and recall where the judge file holds real features)."""
         device = next(generator.parameters()).device
         images = torch.cat([sample(generator, self.noise[i:i + batch_size].to(device),
                                    self.labels[i:i + batch_size].to(device),
@@ -191,22 +234,39 @@ class SampleJudge:
             _, flat = accuracy_and_features(self.judge, torch.zeros_like(images[:2]), self.labels[:2])
             flat_mu = flat[0].double().numpy()
             self.untrained_fd = fid.frechet_distance(flat_mu, np.zeros_like(self.sigma), self.mu, self.sigma)
-        return dict(accuracy=accuracy, accuracy_ratio=accuracy / self.real_accuracy, fd=fd,
-                    fd_ratio=fd / self.untrained_fd)
+        result = dict(accuracy=accuracy, accuracy_ratio=accuracy / self.real_accuracy, fd=fd,
+                      fd_ratio=fd / self.untrained_fd)
+        if self.pr_features is not None:
+            result["precision"], result["recall"] = precision_recall(self.pr_features, features)
+        return result
 
 
-def judge_checkpoint(judge_path, ckpt_path, num_samples):
-    """Print how the judge rates the EMA generator of a train.py checkpoint."""
+def describe(result, real_accuracy):
+    """One line for a judgement."""
+    line = (f"accuracy {result['accuracy']:.4f} ({result['accuracy_ratio']:.3f} of A_real "
+            f"{real_accuracy:.4f}); Frechet distance {result['fd']:.3f} ({result['fd_ratio']:.4f} of the "
+            f"untrained generator's)")
+    if "recall" in result:
+        line += f"; precision {result['precision']:.3f}, recall {result['recall']:.3f}"
+    return line
+
+
+def judge_checkpoint(judge_path, ckpt_path, num_samples, step_counts=None):
+    """Print how the judge rates the EMA generator of a train.py or flow_matching.py checkpoint, at each of
+    step_counts (default: the steps it was trained or judged with)."""
     judge, state = load_judge(judge_path)
     run = checkpoint.load(ckpt_path)
     generator = Generator(**run["generator_kwargs"])
     checkpoint.load_weights(generator, run["ema"], what=f"{ckpt_path} [ema]")
-    nfe = 8 if run["config"]["nfe"] == "any" else run["config"]["nfe"]
     shape = (generator.in_channels, generator.input_size, generator.input_size)
-    result = SampleJudge(judge, state, shape, num_samples)(generator.eval(), nfe, run["config"]["pred"])
-    print(f"accuracy {result['accuracy']:.4f} (A_real {state['real_accuracy']:.4f}, ratio "
-          f"{result['accuracy_ratio']:.3f}); Frechet distance {result['fd']:.3f} ({result['fd_ratio']:.4f} "
-          f"of the untrained generator's)")
+    sample_judge = SampleJudge(judge, state, shape, num_samples)
+    if "pr_ceiling" in state:
+        precision, recall = state["pr_ceiling"].tolist()
+        print(f"real held-out images against others: precision {precision:.3f}, recall {recall:.3f}")
+    for requested in step_counts or [None]:
+        nfe = sampling_steps(run, requested, ckpt_path)
+        result = sample_judge(generator.eval(), nfe, run["config"]["pred"])
+        print(f"nfe {nfe}: " + describe(result, state["real_accuracy"]))
 
 
 def main(argv=None):
@@ -218,21 +278,28 @@ def main(argv=None):
                    help="as train.py's preset: 28 for the MNISTs, else 32")
     p.add_argument("--out", default=None, help="train a judge and write it here")
     p.add_argument("--judge", default=None, help="a judge file, to judge --ckpt")
-    p.add_argument("--ckpt", default=None, help="a train.py checkpoint: its EMA generator is judged")
+    p.add_argument("--ckpt", default=None,
+                   help="a train.py or flow_matching.py checkpoint: its EMA generator is judged")
+    p.add_argument("--nfe", default=None, help="sampling steps, or several: 1,2,4 (default: the "
+                   "checkpoint's; a K-step AFM generator samples with K steps only)")
     p.add_argument("--samples", type=int, default=1000)
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     args = p.parse_args(argv)
     if not args.out and not (args.judge and args.ckpt):
         p.error("give --out JUDGE.pt to train a judge, or --judge JUDGE.pt and --ckpt CKPT.pt to use one")
     image_size = args.image_size or (28 if args.data in data.IDX_SOURCES else 32)
+    try:
+        step_counts = [int(k) for k in args.nfe.split(",")] if args.nfe else None
+    except ValueError:
+        p.error(f"--nfe takes step counts separated by commas, e.g. 1,2,4; got {args.nfe!r}")
 
     def body():
         if args.out:
             checkpoint.save(train_judge(args.data, args.data_path, image_size), args.out)
         if args.judge and args.ckpt:
-            judge_checkpoint(args.judge, args.ckpt, args.samples)
+            judge_checkpoint(args.judge, args.ckpt, args.samples, step_counts)
 
-    sys.exit(runtime.run(body, args.debug, {(data.DataError, checkpoint.CheckpointError): 2}))
+    sys.exit(runtime.run(body, args.debug, {(data.DataError, checkpoint.CheckpointError, SampleError): 2}))
 
 
 if __name__ == "__main__":

@@ -108,9 +108,10 @@ def add_arguments(parser):
     add("--fid-samples", type=int, default=10_000, help="class-balanced samples per in-loop FID")
     add("--fid-ref", help="reference statistics .npz (mu, sigma) from `fid.py --stats`")
     add("--fid-weights", help="FID Inception weights (default: downloaded once)")
-    add("--judge-every", type=int, help="every N steps, label class-balanced 1-NFE EMA samples with a small "
-        "classifier trained on the real images: class accuracy and Frechet distance in its features "
-        "(quality.py; cifar10, mnist, fashion-mnist and small folders; 0: off; default: the --data row's)")
+    add("--judge-every", type=int, help="every N steps, label class-balanced EMA samples with a small "
+        "classifier trained on the real images: class accuracy, Frechet distance, precision and recall in "
+        "its features (quality.py; cifar10, mnist, fashion-mnist and small folders; 0: off; default: the "
+        "--data row's)")
     add("--judge", help="judge file for --judge-every (default: OUT_DIR/judge.pt, trained there on first "
         "use, about a minute on a CPU)")
     add("--judge-samples", type=int, default=1000, help="samples per judgement")
@@ -297,10 +298,12 @@ class Recipe:
         with self.clock.paused():
             nfe = 8 if self.args.nfe == "any" else self.args.nfe
             result = self.judge(self.nets.ema, nfe=nfe, pred=self.args.pred)
+        diversity = f", precision {result['precision']:.2f}, recall {result['recall']:.2f}" \
+            if "recall" in result else ""
         self.log(dict(step=step, minutes=minutes, **{f"judge_{k}": v for k, v in result.items()}),
                  f"samples labelled as their class {result['accuracy']:.3f} "
                  f"({result['accuracy_ratio']:.2f} of real), Frechet distance {result['fd']:.1f} "
-                 f"({result['fd_ratio']:.3f} of the untrained generator's)")
+                 f"({result['fd_ratio']:.3f} of the untrained generator's){diversity}")
 
     def track_best(self, step, value):
         """best.pt at each new best FID; D back to its best-FID weights after --d-reload-on-stall evaluations

@@ -1,5 +1,6 @@
 """What every entry point shares: the processes and the device it runs on, the matmul precision, how an
-error becomes a one-line message and an exit code, and a training run's log.
+error (a file that cannot be written too) becomes a one-line message and an exit code, and a training run's
+log.
 
 train.py, classifier.py, sample.py, fid.py, vae.py and bench.py all start here, so that --device, torchrun and
 the exit codes mean the same in each. It imports nothing of ours.
@@ -50,10 +51,25 @@ class Diverged(Exception):
     """A training run's loss or gradients stayed non-finite for too many consecutive steps (exit code 3)."""
 
 
+class WriteError(Exception):
+    """A file could not be written (no space left on device, an I/O error, ...). The message is one line."""
+
+
+@contextlib.contextmanager
+def writing(path):
+    """An OSError inside becomes a WriteError that names path and the cause: a failed write() or flush()
+    names no file itself."""
+    try:
+        yield
+    except OSError as error:
+        raise WriteError(f"could not write {path}: {error.strerror or error}") from None
+
+
 def run(body, debug, codes, quiet=lambda error: False):
     """body() -> 0; or, for an error of a class in codes ({class or tuple of classes: exit code}, first
-    match wins), one line "error: ..." on stderr (unless quiet(error)) and its exit code. With debug (--debug)
-    the error is raised, with its traceback."""
+    match wins), one line "error: ..." on stderr (unless quiet(error)) and its exit code. A WriteError is exit
+    code 2 in every entry point. With debug (--debug) the error is raised, with its traceback."""
+    codes = {WriteError: 2, **codes}
     classes = tuple(c for key in codes for c in (key if isinstance(key, tuple) else (key,)))
     try:
         body()
@@ -72,7 +88,9 @@ class TrainingLog:
     averaged by averages(): one host sync per logging interval, not one per step."""
 
     def __init__(self, path, max_steps, step, batch_size, main_process):
-        self.file = open(path, "a") if main_process else None
+        self.path = path
+        with writing(path):
+            self.file = open(path, "a") if main_process else None
         self.progress = tqdm(total=max_steps, initial=step, disable=not main_process, dynamic_ncols=True)
         self.batch_size = batch_size
         self.pending = []
@@ -96,12 +114,14 @@ class TrainingLog:
     def __call__(self, record, message=None):
         """Write record; print "step N: message" (or the record's event) above the progress bar."""
         if self.file is not None:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
+            with writing(self.path):
+                self.file.write(json.dumps(record) + "\n")
+                self.file.flush()
             if message or "event" in record:
                 self.progress.write(f"step {record['step']}: {message or record['event']}")
 
     def close(self):
         self.progress.close()
         if self.file is not None:
-            self.file.close()
+            with writing(self.path):  # after a failed write, closing tries to write its line again
+                self.file.close()

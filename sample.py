@@ -56,18 +56,28 @@ class SampleError(Exception):
     """Bad input to the sampler; the message is one line."""
 
 
+def sampling_steps(run, requested, what):
+    """The steps to sample a train.py or flow_matching.py checkpoint with: requested, if the generator can
+    take it, else what it was trained for. A flow-matching velocity field and an any-step AFM generator take
+    any count (defaults: the count its run judged with, and 8); a K-step AFM generator takes K only."""
+    trained_nfe = run["config"]["nfe"]
+    if run.get("objective") == "flow matching":
+        return requested or trained_nfe
+    nfe = requested or (8 if trained_nfe == "any" else trained_nfe)
+    if trained_nfe != "any" and nfe != trained_nfe:
+        raise SampleError(f"{what} holds a generator trained for exactly {trained_nfe} step(s); it cannot "
+                          f"sample with --nfe {nfe}")
+    return nfe
+
+
 def load_generator(args):
     """-> (generator in eval mode on CPU, nfe, pred). Ours or the authors' file, checked against --nfe."""
     state = checkpoint.load(args.ckpt)
-    if isinstance(state, dict) and "generator_kwargs" in state:  # a ckpt.pt written by train.py
+    if isinstance(state, dict) and "generator_kwargs" in state:  # a ckpt.pt of train.py or flow_matching.py
         generator = Generator(**state["generator_kwargs"])
         checkpoint.load_weights(generator, state[args.weights], what=f"{args.ckpt} [{args.weights}]")
-        trained_nfe, pred = state["config"]["nfe"], args.pred or state["config"]["pred"]
-        nfe = args.nfe or (8 if trained_nfe == "any" else trained_nfe)
-        if trained_nfe != "any" and nfe != trained_nfe:
-            raise SampleError(f"{args.ckpt} holds a generator trained for exactly {trained_nfe} step(s); "
-                              f"it cannot sample with --nfe {nfe}")
-        return generator.eval(), nfe, pred
+        nfe = sampling_steps(state, args.nfe, args.ckpt)
+        return generator.eval(), nfe, args.pred or state["config"]["pred"]
 
     # The authors' release: a bare state dict. Its keys say which time inputs the generator has.
     if args.model not in MODELS:

@@ -387,13 +387,13 @@ def resumed_args(args, given):
     return resumed, state
 
 
-def write_progress_grid(nets, args, source, step, device):
+def write_progress_grid(ema, args, source, step, device):
     """An EMA sample grid, a row of 8 per class, with the noise of sample indices 0, 1, ... (the same at every
     step)."""
     if source.in_channels == 4 and source.autoencoder is None:
         return  # latents without --vae cannot be decoded
-    labels = grid_labels(nets.ema.num_classes)
-    images = sample_images(nets.ema, source.decode, np.arange(len(labels)), labels, args.seed,
+    labels = grid_labels(ema.num_classes)
+    images = sample_images(ema, source.decode, np.arange(len(labels)), labels, args.seed,
                            8 if args.nfe == "any" else args.nfe, args.pred, device)
     write_grid(images, os.path.join(args.out_dir, f"samples_{step:08d}.png"), nrow=8)
 
@@ -474,12 +474,14 @@ def train(args):
                 stop.requested = True  # like a signal: every rank stops at this step, after a checkpoint
             stopping = stop.agreed(device, world_size)
             if rank == 0 and due(step, args.sample_every, last or stopping):
-                write_progress_grid(nets, args, source, step, device)
+                write_progress_grid(nets.ema, args, source, step, device)
             extras.after_step(step, last, stopping)
             # never over the last good checkpoint while steps are being skipped
             if due(step, args.ckpt_every, last or stopping) and bad_steps == 0:
                 state = run_state()
-                if rank == 0 and checkpoint.save_training_state(state, nets, args.out_dir, args.keep):
+                saved = rank == 0 and checkpoint.save_training_state(state, [nets.G, nets.D, nets.ema],
+                                                                     args.out_dir, args.keep)
+                if saved:
                     last_saved_step = step
             log.progress.update(1)
             if stopping:
