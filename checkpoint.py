@@ -151,16 +151,20 @@ def check_out_dir(out_dir):
         raise CheckpointError(f"--out-dir {out_dir} exists and is not a directory")
     try:
         os.makedirs(out_dir, exist_ok=True)
-        probe = os.path.join(out_dir, f".write-test{os.getpid()}")
+        probe = os.path.join(out_dir, f".write-test.tmp{os.getpid()}")
         open(probe, "w").close()
         os.remove(probe)
     except OSError as e:
         raise CheckpointError(f"--out-dir {out_dir} is not writable ({e.strerror})") from None
 
 
+# What train.py and flow_matching.py write in --out-dir; the .pt files are the run's checkpoints.
+RUN_FILES = ("ckpt.pt", "ckpt-*.pt", "best.pt", "log.jsonl", "config.json", "samples_*.png")
+
+
 def claim_out_dir(out_dir, run_files, resume, overwrite, rank):
-    """Make out_dir this run's own, before anything is read or written there. Rank 0 does it for the ranks of
-    a torchrun, which share the folder. run_files: glob patterns of what the run writes in out_dir; those
+    """Make out_dir this run's own, before anything is written there. Rank 0 does it for the ranks of a
+    torchrun, which share the folder. run_files: glob patterns of what the run writes in out_dir; those
     ending in .pt are its checkpoints. CheckpointError (one line) when
 
     - another live process owns out_dir (the line names its pid);
@@ -182,14 +186,14 @@ def claim_out_dir(out_dir, run_files, resume, overwrite, rank):
             raise CheckpointError(
                 f"--out-dir {out_dir} holds a run ({checkpoints[0]}, "
                 f"{'unreadable' if step is None else f'step {step}'}): --resume continues it; to start a new "
-                f"one, pass another --out-dir, or --overwrite to delete its {', '.join(run_files)} first")
+                f"one, pass another --out-dir, or --overwrite to delete that run's files first")
         for path in found if overwrite else []:
             os.remove(path)
     remove_temporary_files_of_dead_processes(out_dir)
 
 
 LOCK_NAME = ".lock"  # in every run folder: the pid of the process that owns it
-_owned = {}  # (st_dev, st_ino) of each folder this process owns -> its locked file descriptor
+_held = []  # the descriptors of the lock files this process holds, open until it exits
 
 
 def lock(out_dir):
@@ -197,27 +201,28 @@ def lock(out_dir):
     process ends, however it ends (kill -9 included). Not flock(): a data-loader worker forked from the run
     would share that lock and keep the folder after its parent is killed; a POSIX lock is one process's.
     CheckpointError when another process holds it."""
-    folder = os.stat(out_dir)
-    if (folder.st_dev, folder.st_ino) in _owned:  # a second run in this process (e.g. a test)
-        return
     path = os.path.join(out_dir, LOCK_NAME)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as error:
-        if error.errno not in (errno.EACCES, errno.EAGAIN):  # a file system without locks (some NFS mounts)
+    # Held already (a second run in this process, e.g. a test): opening it again and closing that descriptor
+    # would drop the lock, as POSIX locks go.
+    if os.path.exists(path) and any(os.path.samestat(os.fstat(fd), os.stat(path)) for fd in _held):
+        return
+    with runtime.writing(path):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
             os.close(fd)
-            print(f"warning: cannot lock {path} ({error.strerror}): nothing stops a second run from writing "
-                  f"into {out_dir} at the same time", file=sys.stderr)
-            return
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
-        os.close(fd)
-        who = f"pid {holder}" if holder.isdigit() else "its pid not yet written"
-        raise CheckpointError(f"--out-dir {out_dir} is in use by another run ({who}): wait for it to end, or "
-                              f"pass another --out-dir") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    _owned[(folder.st_dev, folder.st_ino)] = fd
+            if error.errno not in (errno.EACCES, errno.EAGAIN):  # a file system without locks (some NFS)
+                print(f"warning: cannot lock {path} ({error.strerror}): nothing stops a second run from "
+                      f"writing into {out_dir} at the same time", file=sys.stderr)
+                return
+            who = f"pid {holder}" if holder.isdigit() else "its pid not yet written"
+            raise CheckpointError(f"--out-dir {out_dir} is in use by another run ({who}): wait for it to "
+                                  f"end, or pass another --out-dir") from None
+        _held.append(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
 
 
 def run_files_in(out_dir, run_files):
@@ -236,7 +241,7 @@ def saved_step(path):
     return state.get("step") if isinstance(state, dict) else None
 
 
-TEMPORARY_FILE = re.compile(r"\..+\.tmp(\d+)")  # save()'s: .NAME.tmpPID
+TEMPORARY_FILE = re.compile(r"\..+\.tmp(\d+)")  # save()'s .NAME.tmpPID, and check_out_dir's probe
 
 
 def remove_temporary_files_of_dead_processes(out_dir):
@@ -258,8 +263,9 @@ def process_alive(pid):
 
 @contextlib.contextmanager
 def reporting_write_errors(ckpt_path):
-    """Around a training run: a file that cannot be written (runtime.WriteError: no space left, ...) ends it
-    with one line that also says what ckpt_path holds, read to check: the last checkpoint, intact, or none."""
+    """Around a training run (a context manager, or a decorator of the run's body): a file that cannot be
+    written (runtime.WriteError: no space left, ...) ends it with one line that also says what ckpt_path
+    holds, loaded to check: the last checkpoint, intact, or none."""
     try:
         yield
     except runtime.WriteError as error:
@@ -334,26 +340,23 @@ def flags_given(parser, argv):
         parser.set_defaults(**defaults)
 
 
+# Flags about this command alone, which a resumed run never takes from its checkpoint.
+THIS_COMMAND_ONLY = {"out_dir", "resume", "overwrite"}
+
+
 def resumed_config(saved, current, given, fixed):
     """The configuration a resumed run continues with: the checkpoint's own (saved), then every flag typed now
-    (given) on top, so that e.g. `--resume --lr 1e-5` takes effect. Flags that are not in the checkpoint's
-    configuration (a newer version of this code) keep their current value. A flag in fixed (what the weights,
-    the data position or the random streams depend on) may be repeated but not changed: CheckpointError."""
+    (given, and THIS_COMMAND_ONLY) on top, so that e.g. `--resume --lr 1e-5` takes effect. Flags that are not
+    in the checkpoint's configuration (a newer version of this code) keep their current value. A flag in fixed
+    (what the weights, the data position or the random streams depend on) may be repeated but not changed:
+    CheckpointError."""
     for name in sorted(given & set(fixed)):
         if name in saved and saved[name] != current[name]:
             flag = "--" + name.replace("_", "-")
             raise CheckpointError(f"{flag} cannot change on --resume (the checkpoint has {saved[name]!r}, "
                                   f"the command line {current[name]!r}); start a new run, or drop {flag}")
-    return {**current, **{k: v for k, v in saved.items() if k in current and k not in given}}
-
-
-def prepare_out_dir(out_dir):
-    """check_out_dir, then remove the temporary files of a process killed while writing (never a
-    checkpoint)."""
-    check_out_dir(out_dir)
-    for name in os.listdir(out_dir):
-        if name.startswith(".") and ".pt.tmp" in name:
-            os.remove(os.path.join(out_dir, name))
+    kept = given | THIS_COMMAND_ONLY
+    return {**current, **{k: v for k, v in saved.items() if k in current and k not in kept}}
 
 
 class Clock:

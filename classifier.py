@@ -68,6 +68,8 @@ PRESETS = {"folder": dict(SMALL, num_workers=4),
 
 # What the weights, the data position or the random streams depend on: a resumed run cannot change these.
 FIXED_ON_RESUME = ("data", "image_size", "model", "batch_size", "seed")
+# What a run writes in --out-dir (train.py's runs may share the folder: their files are other names).
+RUN_FILES = ("classifier.pt", "classifier_log.jsonl")
 
 
 def make_parser():
@@ -89,6 +91,8 @@ def make_parser():
     p.add_argument("--resume", action="store_true",
                    help="continue from --out-dir/classifier.pt; flags given now take effect, except "
                    + ", ".join("--" + f.replace("_", "-") for f in FIXED_ON_RESUME))
+    p.add_argument("--overwrite", action="store_true", help="start a new run in an --out-dir that holds a "
+                   "classifier.pt: delete it and its log first (without it, such a run is refused)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available)")
     p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="tf32",
@@ -187,7 +191,7 @@ def resolve_flags(args, given, world_size, ckpt_path):
     if resume_state is not None:
         check_contents(resume_state, ckpt_path)
         args = argparse.Namespace(**checkpoint.resumed_config(
-            resume_state["config"], vars(args), set(given) | {"out_dir", "resume"}, FIXED_ON_RESUME))
+            resume_state["config"], vars(args), set(given), FIXED_ON_RESUME))
     if args.model not in MODELS:
         raise data.DataError(f"unknown model {args.model!r}; valid models: {', '.join(MODELS)}")
     if args.batch_size <= 0 or args.batch_size % world_size:
@@ -201,8 +205,7 @@ def start_run(args, given):
     rank, world_size, device = runtime.setup_distributed(args.device)
     ckpt_path = os.path.join(args.out_dir, "classifier.pt")
     args, resume_state = resolve_flags(args, given, world_size, ckpt_path)
-    if rank == 0:
-        checkpoint.check_out_dir(args.out_dir)
+    checkpoint.claim_out_dir(args.out_dir, RUN_FILES, args.resume, args.overwrite, rank)
     autocast = runtime.set_precision(args.precision, device)
     source = vae.open_data(args, rank, world_size, device)
     classifier_kwargs = dict(MODELS[args.model], input_size=source.input_size, in_channels=source.in_channels,
@@ -334,7 +337,9 @@ def train_classifier(args, given=()):
 
 def main(argv=None):
     args, given = parse_args(argv)
-    code = runtime.run(lambda: train_classifier(args, given), args.debug,
+    body = checkpoint.reporting_write_errors(os.path.join(args.out_dir, "classifier.pt"))(
+        lambda: train_classifier(args, given))
+    code = runtime.run(body, args.debug,
                        {runtime.Diverged: 3, (data.DataError, checkpoint.CheckpointError, vae.VAEError): 2})
     if code:
         sys.exit(code)

@@ -97,6 +97,7 @@ def parse_args(argv=None):
     add("--out-dir", default="fm")
     add("--resume", action="store_true", help="continue from --out-dir/ckpt.pt; flags given now take effect, "
         "except " + ", ".join("--" + f.replace("_", "-") for f in FIXED_ON_RESUME))
+    add("--overwrite", action="store_true", help="as train.py's: start anew in an --out-dir that holds a run")
     add("--seed", type=int, default=0)
     add("--device", help="cuda, mps or cpu (default: the first available)")
     add("--precision", choices=["fp32", "tf32", "bf16"], default="tf32", help="as train.py's")
@@ -178,13 +179,12 @@ def train_flow_matching(args):
     given = set(vars(args).pop("given", ()))
     resume_state = None
     if args.resume:
-        resume_state = checkpoint.load(os.path.join(args.out_dir, "ckpt.pt"))
+        resume_state = checkpoint.load_training_state(args.out_dir)
         args = argparse.Namespace(**checkpoint.resumed_config(
-            resume_state["config"], vars(args), given | {"out_dir", "resume"}, FIXED_ON_RESUME))
+            resume_state["config"], vars(args), given, FIXED_ON_RESUME))
     validate(args, world_size)
     autocast = set_precision(args.precision, device)
-    if rank == 0:
-        checkpoint.prepare_out_dir(args.out_dir)
+    checkpoint.claim_out_dir(args.out_dir, checkpoint.RUN_FILES, args.resume, args.overwrite, rank)
     source = vae.open_data(args, rank, world_size, device, flip=args.flip, decoder=True)
     generator_kwargs = dict(MODELS[args.model], input_size=source.input_size, in_channels=source.in_channels,
                             num_classes=source.num_classes, use_t_src=True)
@@ -267,7 +267,9 @@ def train_flow_matching(args):
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else list(argv))
     errors = {Diverged: 3, (data.DataError, checkpoint.CheckpointError, vae.VAEError): 2}
-    code = run(lambda: train_flow_matching(args), args.debug, errors, quiet=train.said_by_rank_0)
+    body = checkpoint.reporting_write_errors(os.path.join(args.out_dir, "ckpt.pt"))(
+        lambda: train_flow_matching(args))
+    code = run(body, args.debug, errors, quiet=train.said_by_rank_0)
     if code:
         sys.exit(code)
 

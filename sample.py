@@ -113,7 +113,8 @@ def write_grid(images, path, nrow):
     grid = np.zeros((rows * H, nrow * W, C), dtype=np.uint8)
     for i, image in enumerate(images.numpy()):
         grid[(i // nrow) * H:(i // nrow + 1) * H, (i % nrow) * W:(i % nrow + 1) * W] = image
-    Image.fromarray(grid).save(path)
+    with runtime.writing(path):
+        Image.fromarray(grid).save(path)
 
 
 def to_uint8(images):

@@ -182,6 +182,8 @@ def parse_args(argv=None):
     add("--out-dir", default="out")
     add("--resume", action="store_true", help="continue from --out-dir/ckpt.pt; flags given now take effect, "
         "except " + ", ".join("--" + f.replace("_", "-") for f in FIXED_ON_RESUME))
+    add("--overwrite", action="store_true", help="start a new run in an --out-dir that holds one: delete its "
+        "checkpoints, log and sample grids first (without it, such a run is refused)")
     add("--seed", type=int, default=0)
     add("--device", help="cuda, mps or cpu (default: the first available)")
     add("--precision", choices=["fp32", "tf32", "bf16"], default="tf32", help="CUDA matmul precision; bf16 "
@@ -379,9 +381,9 @@ def log_metrics(log, step, minutes, nets, ot_scale):
 
 def resumed_args(args, given):
     """--resume: the checkpoint's flags, except those typed now. -> (args, the checkpoint's state)."""
-    state = checkpoint.load(os.path.join(args.out_dir, "ckpt.pt"))
+    state = checkpoint.load_training_state(args.out_dir)
     resumed = argparse.Namespace(**checkpoint.resumed_config(
-        state["config"], vars(args), given | {"out_dir", "resume"}, FIXED_ON_RESUME))
+        state["config"], vars(args), given, FIXED_ON_RESUME))
     if "lr" in given and "g_lr" not in given:  # G's learning rate keeps its ratio to D's
         resumed.g_lr = state["config"]["g_lr"] * resumed.lr / state["config"]["lr"]
     return resumed, state
@@ -401,8 +403,7 @@ def write_progress_grid(ema, args, source, step, device):
 def start(args, rank, world_size, device, resume_state):
     """The data, and the networks where they start: a resumed run, a previous phase (--init-from), or scratch.
     -> (source, nets, network kwargs)."""
-    if rank == 0:
-        checkpoint.prepare_out_dir(args.out_dir)
+    checkpoint.claim_out_dir(args.out_dir, checkpoint.RUN_FILES, args.resume, args.overwrite, rank)
     np.random.seed(args.seed)
     random.seed(args.seed)
     source = vae.open_data(args, rank, world_size, device, flip=args.flip, decoder=True)
@@ -515,7 +516,8 @@ def main(argv=None):
         return
     args = parse_args(argv)
     errors = {Diverged: 3, (data.DataError, checkpoint.CheckpointError, vae.VAEError, fid.FidError): 2}
-    code = run(lambda: train(args), args.debug, errors, quiet=said_by_rank_0)
+    body = checkpoint.reporting_write_errors(os.path.join(args.out_dir, "ckpt.pt"))(lambda: train(args))
+    code = run(body, args.debug, errors, quiet=said_by_rank_0)
     if code:
         sys.exit(code)
 
