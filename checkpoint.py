@@ -162,18 +162,34 @@ def check_out_dir(out_dir):
 RUN_FILES = ("ckpt.pt", "ckpt-*.pt", "best.pt", "log.jsonl", "config.json", "samples_*.png")
 
 
-def claim_out_dir(out_dir, run_files, resume, overwrite, rank):
+def claim_out_dir(out_dir, run_files, resume, overwrite, rank, world_size):
     """Make out_dir this run's own, before anything is written there. Rank 0 does it for the ranks of a
-    torchrun, which share the folder. run_files: glob patterns of what the run writes in out_dir; those
-    ending in .pt are its checkpoints. CheckpointError (one line) when
+    torchrun, which share the folder; when it cannot, the other ranks exit with its code 2 and say nothing,
+    as rank 0 says why (instead of failing at their next collective, when rank 0 has gone)."""
+    failed = None
+    if rank == 0:
+        try:
+            own_out_dir(out_dir, run_files, resume, overwrite)
+        except Exception as error:  # raised again below, once the other ranks know
+            failed = error
+    if world_size > 1:
+        outcome = [failed is not None]
+        dist.broadcast_object_list(outcome, src=0)
+        if outcome[0] and rank != 0:
+            raise SystemExit(2)
+    if failed is not None:
+        raise failed
+
+
+def own_out_dir(out_dir, run_files, resume, overwrite):
+    """claim_out_dir's work. run_files: glob patterns of what the run writes in out_dir; those ending in .pt
+    are its checkpoints. CheckpointError (one line) when
 
     - another live process owns out_dir (the line names its pid);
     - a new run (not resume) would start where a checkpoint is, unless overwrite: that deletes run_files
       there first.
 
     Then the temporary files of processes killed while writing are removed; a live process's stay."""
-    if rank != 0:
-        return
     if resume and overwrite:
         raise CheckpointError("--resume continues the run in --out-dir and --overwrite deletes it: pass one")
     check_out_dir(out_dir)

@@ -205,7 +205,7 @@ def start_run(args, given):
     rank, world_size, device = runtime.setup_distributed(args.device)
     ckpt_path = os.path.join(args.out_dir, "classifier.pt")
     args, resume_state = resolve_flags(args, given, world_size, ckpt_path)
-    checkpoint.claim_out_dir(args.out_dir, RUN_FILES, args.resume, args.overwrite, rank)
+    checkpoint.claim_out_dir(args.out_dir, RUN_FILES, args.resume, args.overwrite, rank, world_size)
     autocast = runtime.set_precision(args.precision, device)
     source = vae.open_data(args, rank, world_size, device)
     classifier_kwargs = dict(MODELS[args.model], input_size=source.input_size, in_channels=source.in_channels,

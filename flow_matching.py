@@ -184,7 +184,8 @@ def train_flow_matching(args):
             resume_state["config"], vars(args), given, FIXED_ON_RESUME))
     validate(args, world_size)
     autocast = set_precision(args.precision, device)
-    checkpoint.claim_out_dir(args.out_dir, checkpoint.RUN_FILES, args.resume, args.overwrite, rank)
+    checkpoint.claim_out_dir(args.out_dir, checkpoint.RUN_FILES, args.resume, args.overwrite, rank,
+                             world_size)
     source = vae.open_data(args, rank, world_size, device, flip=args.flip, decoder=True)
     generator_kwargs = dict(MODELS[args.model], input_size=source.input_size, in_channels=source.in_channels,
                             num_classes=source.num_classes, use_t_src=True)

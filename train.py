@@ -403,7 +403,8 @@ def write_progress_grid(ema, args, source, step, device):
 def start(args, rank, world_size, device, resume_state):
     """The data, and the networks where they start: a resumed run, a previous phase (--init-from), or scratch.
     -> (source, nets, network kwargs)."""
-    checkpoint.claim_out_dir(args.out_dir, checkpoint.RUN_FILES, args.resume, args.overwrite, rank)
+    checkpoint.claim_out_dir(args.out_dir, checkpoint.RUN_FILES, args.resume, args.overwrite, rank,
+                             world_size)
     np.random.seed(args.seed)
     random.seed(args.seed)
     source = vae.open_data(args, rank, world_size, device, flip=args.flip, decoder=True)

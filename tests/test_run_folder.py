@@ -14,6 +14,7 @@ import shutil
 import signal
 import re
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -21,8 +22,9 @@ import torch
 import checkpoint
 import runtime
 import sample
-from test_reliability import (ENV, Background, assert_complete_checkpoint, assert_one_line_error, log_steps,
-                              png_folder, run, temp_files, tiny)
+from test_reliability import (ENV, ROOT, TIMEOUT, Background, assert_complete_checkpoint,
+                              assert_one_line_error, log_steps, png_folder, run, stderr_lines,
+                              temp_files, tiny)
 
 ZIP_WRITER_ERROR = "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"
 SHORT = ("--max-steps", 4, "--ckpt-every", 2)
@@ -115,6 +117,23 @@ def test_every_entry_point_refuses_a_folder_in_use(images, tmp_path, script):
     result = run(script, *flags(script, images, out, *SHORT))
     assert_one_line_error(result, str(out), "in use", f"pid {os.getpid()}")
     assert os.listdir(out) == [checkpoint.LOCK_NAME]
+
+
+def test_under_torchrun_rank_0_claims_the_folder_and_says_why_it_cannot(images, tmp_path):
+    """Two processes into a folder this process holds: one error line, naming its pid, and no traceback from
+    rank 1 (which stops with rank 0 instead of failing at its next collective). The report after it is
+    torchrun's."""
+    out = tmp_path / "out"
+    out.mkdir()
+    checkpoint.lock(out)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(ROOT / "train.py"), *map(str, tiny(images, out, *SHORT, "--device", "cpu"))],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode != 0
+    lines = [line for line in stderr_lines(result.stderr) if line.startswith("error:")]
+    assert len(lines) == 1 and "in use" in lines[0] and f"pid {os.getpid()}" in lines[0], lines
+    assert "[rank1]" not in result.stderr, result.stderr[-3000:]
 
 
 def test_kill_9_leaves_no_lock_behind_and_resume_cleans_up(images, tmp_path, background):
