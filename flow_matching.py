@@ -52,24 +52,40 @@ def flow_matching_loss(G, x, y):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# 2. Configuration: train.py's data rows (network, image size, flips, loader, logging), with flow matching's
-# own optimisation. The laptop row was chosen from measured runs on the real Fashion-MNIST, on the same 2-core
-# CPU and judge as AFM's (README, "What a laptop gets"):
+# 2. Configuration: train.py's data rows (network, image size, flips, loader), with flow matching's own
+# optimisation. The laptop row, measured on the real Fashion-MNIST on the same 2-core CPU and judge as AFM's
+# (README, "What a laptop gets"):
 #   batch 128, lr 1e-3   AdamW (0.9, 0.999); a regression target has no adversary to keep up with, so the
 #                        batch that lowers the gradient's noise pays for itself
-#   EMA 0.999            over about 1,000 steps: a minute or two at flow matching's step rate
+#   EMA 0.999            over about 1,000 steps: two or three minutes at flow matching's step rate
 #   grad clip 1
+#   intervals            a step is one forward and backward of G, so a laptop takes about twice AFM's steps a
+#                        minute: grids and checkpoints come every 2x train.py's steps, and the judge, which
+#                        samples at five step counts, every 4x
 # The imagenet row is SiT's (Ma et al. 2024): batch 256, lr 1e-4, EMA 0.9999; not measured here.
 FM_LAPTOP = dict(batch_size=128, lr=1e-3, ema_decay=0.999, ema_warmup=10, grad_clip=1.0, max_steps=100_000)
 FM_IMAGENET = dict(batch_size=256, lr=1e-4, ema_decay=0.9999, ema_warmup=0, grad_clip=1.0,
                    max_steps=1_000_000)
-SHARED = ("model", "image_size", "flip", "num_workers", "judge_every", "ckpt_every", "sample_every",
-          "log_every")
-PRESETS = {name: {**{k: row[k] for k in SHARED if k in row}, **(FM_IMAGENET if name == "imagenet" else
-                                                                 FM_LAPTOP)}
-           for name, row in train.PRESETS.items()}
+
+
+def preset(name, row):
+    """flow_matching.py's row for --data name, from train.py's row."""
+    shared = dict(model=row["model"], image_size=row["image_size"], num_workers=row["num_workers"])
+    if name == "imagenet":
+        return dict(shared, ckpt_every=row["ckpt_every"], sample_every=row["sample_every"],
+                    log_every=row["log_every"], **FM_IMAGENET)
+    return dict(shared, flip=row["flip"], judge_every=4 * row["judge_every"],
+                ckpt_every=2 * row["ckpt_every"], sample_every=2 * row["sample_every"],
+                log_every=2 * row["log_every"], **FM_LAPTOP)
+
+
+PRESETS = {name: preset(name, row) for name, row in train.PRESETS.items()}
 
 FIXED_ON_RESUME = ("data", "image_size", "model", "batch_size", "seed")
+
+
+def per_source(name):
+    return train.per_source(name, presets=PRESETS)
 
 
 def parse_args(argv=None):
@@ -79,9 +95,9 @@ def parse_args(argv=None):
     add = p.add_argument
     add("--data", choices=list(PRESETS), default="fashion-mnist", help="as train.py's --data")
     add("--data-path", help="as train.py's --data-path")
-    add("--image-size", type=int, help="pixels " + train.per_source("image_size"))
+    add("--image-size", type=int, help="pixels " + per_source("image_size"))
     add("--vae", help="sd-vae-ft-mse weights, to encode an ImageNet image folder on the fly")
-    add("--model", help=f"one of {', '.join(MODELS)} " + train.per_source("model"))
+    add("--model", help=f"one of {', '.join(MODELS)} " + per_source("model"))
     add("--nfe", type=int, default=8, help="Euler steps of the sample grids, and sample.py's default")
     add("--judge-nfe", default="1,2,4,8,16", help="the step counts each judgement samples with")
     add("--batch-size", type=int, help="global batch (default: 128; imagenet 256)")
@@ -102,13 +118,13 @@ def parse_args(argv=None):
     add("--device", help="cuda, mps or cpu (default: the first available)")
     add("--precision", choices=["fp32", "tf32", "bf16"], default="tf32", help="as train.py's")
     add("--num-workers", type=int, help="data-loading worker processes per rank " +
-        train.per_source("num_workers"))
-    add("--ckpt-every", type=int, help=train.per_source("ckpt_every"))
+        per_source("num_workers"))
+    add("--ckpt-every", type=int, help=per_source("ckpt_every"))
     add("--keep", type=int, default=0, help="also keep the last N step-stamped checkpoints")
     add("--sample-every", type=int, help="write an EMA sample grid every N steps " +
-        train.per_source("sample_every"))
-    add("--log-every", type=int, help=train.per_source("log_every"))
-    add("--judge-every", type=int, help="as train.py's " + train.per_source("judge_every"))
+        per_source("sample_every"))
+    add("--log-every", type=int, help=per_source("log_every"))
+    add("--judge-every", type=int, help="as train.py's " + per_source("judge_every"))
     add("--judge", help="judge file (default: OUT_DIR/judge.pt, trained there on first use)")
     add("--judge-samples", type=int, default=1000, help="samples per judgement and step count")
     add("--max-bad-steps", type=int, default=5,

@@ -117,10 +117,10 @@ FIXED_ON_RESUME = ("data", "image_size", "model", "nfe", "pred", "repeat", "batc
                    "init_from", "d_reload")
 
 
-def per_source(name, otherwise=""):
+def per_source(name, otherwise="", presets=PRESETS):
     """'(default: cifar10 2e-4, ..., imagenet 1e-4)' for a flag the --data rows set, for --help."""
-    values = [f"{source} {row[name]}" for source, row in PRESETS.items() if name in row]
-    others = [source for source, row in PRESETS.items() if name not in row]
+    values = [f"{source} {row[name]}" for source, row in presets.items() if name in row]
+    others = [source for source, row in presets.items() if name not in row]
     tail = f"; {', '.join(others)}: {otherwise}" if others and otherwise else ""
     return f"(default: {', '.join(values)}{tail})"
 
