@@ -2,12 +2,16 @@
 
     python tools/laptop_report.py out/afm out/gan --names "AFM" "lambda_ot = 0" --minutes 2 10 30 \\
         --curve docs/laptop_curve.png --grids docs/laptop_grids.png
+    python tools/laptop_report.py out/afm fm:1 fm:4 --names "AFM" "FM, 1 step" "FM, 4 steps" --minutes 10 30
+    python tools/laptop_report.py --compose side.png afm.png fm4.png --names "AFM, 1 step" "FM, 4 steps"
 
-Reads each run's log.jsonl (the judge_* records of train.py --judge-every) and its samples_*.png grids. The
-curve has two panels, sample class accuracy / A_real and the Frechet distance in the judge's features / the
-untrained generator's (log scale), against minutes of training. The grids are the EMA sample grids written
-nearest to each chosen minute, one column per minute, one row per run.
-Prints the table of the numbers behind both pictures.
+Reads each run's log.jsonl (the judge_* records of train.py's or flow_matching.py's --judge-every) and its
+samples_*.png grids. A flow_matching.py run judges at several step counts: DIR:K takes its records at K steps.
+The curve has three panels against minutes of training: sample class accuracy / A_real, the Frechet distance
+in the judge's features / the untrained generator's (log scale), and recall. The grids are the EMA sample
+grids written nearest to each chosen minute, one column per minute, one row per run (a flow_matching.py run
+draws them at its --nfe). Prints the table of the numbers behind both pictures. --compose sets PNG files (e.g.
+`sample.py --out` grids) side by side under their names.
 """
 
 import argparse
@@ -17,7 +21,8 @@ import os
 
 from PIL import Image, ImageDraw, ImageFont
 
-COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
+COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127)]
 
 
 def new_drawing(size):
@@ -32,6 +37,17 @@ def new_drawing(size):
 def read_log(run):
     with open(os.path.join(run, "log.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+def split_spec(spec):
+    """'DIR' -> (DIR, None); 'DIR:K' -> (DIR, K): a flow_matching.py run's records at K sampling steps."""
+    folder, _, steps = spec.rpartition(":")
+    return (folder, int(steps)) if folder and steps.isdigit() else (spec, None)
+
+
+def judged(log, steps):
+    """The judge records of a log, those at `steps` sampling steps where given."""
+    return [r for r in log if "judge_accuracy" in r and (steps is None or r.get("nfe") == steps)]
 
 
 def at_minute(records, minute):
@@ -68,15 +84,17 @@ def draw_panel(draw, box, runs, key, title, log_scale):
 
 
 def draw_curves(runs, names, path):
-    image, draw = new_drawing((900, 340))  # two panels of 370 x 250 px
+    image, draw = new_drawing((1350, 360))  # three panels of 370 x 250 px
     draw_panel(draw, (60, 30, 430, 280), runs, "judge_accuracy_ratio",
                "sample class accuracy / A_real (higher is better)", log_scale=False)
     draw_panel(draw, (510, 30, 880, 280), runs, "judge_fd_ratio",
                "Frechet distance / untrained generator's (log)", log_scale=True)
-    for i, name in enumerate(names):  # the legend, once, below both panels
-        x, colour = 330 + 160 * i, COLOURS[i % len(COLOURS)]
-        draw.line([(x, 330), (x + 20, 330)], fill=colour, width=2)
-        draw.text((x + 26, 323), name, fill=colour)
+    draw_panel(draw, (960, 30, 1330, 280), [[r for r in records if "judge_recall" in r] for records in runs],
+               "judge_recall", "recall (higher is better)", log_scale=False)
+    for i, name in enumerate(names):  # the legend, once, below the panels
+        x, y, colour = 60 + 160 * (i % 8), 323 + 18 * (i // 8), COLOURS[i % len(COLOURS)]
+        draw.line([(x, y + 7), (x + 20, y + 7)], fill=colour, width=2)
+        draw.text((x + 26, y), name, fill=colour)
     image.save(path)
 
 
@@ -104,26 +122,48 @@ def draw_grids(runs, logs, names, minutes, path, gap=12, label=18):
     image.save(path)
 
 
+def compose(paths, names, out, gap=12, label=18):
+    """PNG files in one row, each under its name, drawn 2x where they are small."""
+    grids = [Image.open(path).convert("RGB") for path in paths]
+    scale = max(1, 400 // grids[0].size[0])
+    grids = [grid.resize((grid.size[0] * scale, grid.size[1] * scale), Image.NEAREST) for grid in grids]
+    width, height = max(g.size[0] for g in grids), max(g.size[1] for g in grids)
+    image, draw = new_drawing((len(grids) * (width + gap), height + label))
+    for column, (name, grid) in enumerate(zip(names, grids)):
+        draw.text((column * (width + gap), 2), name, fill=(0, 0, 0))
+        image.paste(grid, (column * (width + gap), label))
+    image.save(out)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("runs", nargs="+", help="train.py --out-dir folders")
+    p.add_argument("runs", nargs="+", help="train.py or flow_matching.py --out-dir folders, DIR:K for a "
+                   "flow_matching.py run at K steps; with --compose, PNG files")
     p.add_argument("--names", nargs="+", help="one legend name per run (default: the folder names)")
     p.add_argument("--minutes", nargs="+", type=float, default=[2, 10, 30])
     p.add_argument("--curve", default="laptop_curve.png")
     p.add_argument("--grids", default="laptop_grids.png")
+    p.add_argument("--compose", help="set the PNG files given as runs side by side in this file, and stop")
     args = p.parse_args()
     names = args.names or [os.path.basename(os.path.normpath(run)) for run in args.runs]
-    logs = [read_log(run) for run in args.runs]
-    runs = [[r for r in log if "judge_accuracy" in r] for log in logs]  # the judged records of each run
+    if args.compose:
+        compose(args.runs, names, args.compose)
+        print(f"wrote {args.compose}")
+        return
+    specs = [split_spec(spec) for spec in args.runs]
+    logs = [read_log(folder) for folder, _ in specs]
+    runs = [judged(log, steps) for log, (_, steps) in zip(logs, specs)]
     draw_curves(runs, names, args.curve)
-    draw_grids(args.runs, logs, names, args.minutes, args.grids)
-    print("| run | minutes | step | accuracy | / A_real | Frechet distance | / untrained |")
-    print("|---|---|---|---|---|---|---|")
+    draw_grids([folder for folder, _ in specs], logs, names, args.minutes, args.grids)
+    print("| run | minutes | step | accuracy | / A_real | Frechet distance | / untrained | precision | "
+          "recall |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, records in zip(names, runs):
         for minute in args.minutes:
-            r = at_minute(records, minute)
+            r = {"judge_precision": float("nan"), "judge_recall": float("nan"), **at_minute(records, minute)}
             print(f"| {name} | {r['minutes']:.1f} | {r['step']} | {r['judge_accuracy']:.3f} | "
-                  f"{r['judge_accuracy_ratio']:.3f} | {r['judge_fd']:.1f} | {r['judge_fd_ratio']:.3f} |")
+                  f"{r['judge_accuracy_ratio']:.3f} | {r['judge_fd']:.1f} | {r['judge_fd_ratio']:.3f} | "
+                  f"{r['judge_precision']:.3f} | {r['judge_recall']:.3f} |")
         for level in (0.5, 0.8, 0.9):
             first = next((r for r in records if r["judge_accuracy_ratio"] >= level), None)
             when = f"{first['minutes']:.1f} min (step {first['step']})" if first else "not reached"
