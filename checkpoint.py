@@ -19,6 +19,7 @@ import contextlib
 import errno
 import fcntl
 import glob
+import json
 import os
 import pickle
 import pickletools
@@ -143,6 +144,13 @@ def load_weights(module, state_dict, what="checkpoint"):
 
 # ------------------------------------------------------------------------------------------------------------
 # Resumable runs
+
+
+def write_config(out_dir, config):
+    """out_dir/config.json: the run's full configuration, for people and tools (ckpt.pt holds its own)."""
+    path = os.path.join(out_dir, "config.json")
+    with runtime.writing(path), open(path, "w") as f:
+        json.dump(config, f, indent=2)
 
 
 def check_out_dir(out_dir):

@@ -433,8 +433,7 @@ def announce(args, nets, source, world_size, device, step):
     print(f"G {args.model} ({n_params:.1f}M params), {source.size} training samples, "
           f"{world_size} x {device}, global batch {args.batch_size}, starting at step {step}")
     print("config: " + json.dumps(vars(args)))
-    with open(os.path.join(args.out_dir, "config.json"), "w") as f:
-        json.dump(vars(args), f, indent=2)
+    checkpoint.write_config(args.out_dir, vars(args))
 
 
 def train(args):

@@ -1,5 +1,6 @@
-"""Tests for flow_matching.py: the objective against hand derivations, Euler sampling through the exact velocity
-field of Gaussian data, and the command line end to end (checkpoints, resume, sample.py, quality.py)."""
+"""Tests for flow_matching.py: the objective against hand derivations, Euler sampling through the exact
+velocity field of Gaussian data, and the command line end to end (checkpoints, resume, sample.py and
+quality.py)."""
 
 import json
 import math
@@ -11,7 +12,9 @@ import pytest
 import torch
 
 import checkpoint
+import data
 import flow_matching
+import quality
 from sample import sample
 from synthetic import make_images, write_cifar_archive
 
@@ -70,9 +73,9 @@ def test_times_are_logit_normal_and_the_loss_reaches_the_network_through_x_t():
 
 
 class GaussianVelocity(torch.nn.Module):
-    """The exact velocity E[z - x | x_t] for data x ~ N(m, s^2) per pixel. With a = 1 - t, b = t, x_t = a x + b z
-    is Gaussian, and (z - x, x_t) jointly so: E[z - x | x_t] = -m + Cov(z - x, x_t) / Var(x_t) (x_t - a m),
-    Cov(z - x, x_t) = b - a s^2, Var(x_t) = a^2 s^2 + b^2."""
+    """The exact velocity E[z - x | x_t] for data x ~ N(m, s^2) per pixel. With a = 1 - t, b = t, x_t =
+    a x + b z is Gaussian, and (z - x, x_t) jointly so: E[z - x | x_t] = -m + Cov(z - x, x_t) / Var(x_t)
+    (x_t - a m), with Cov(z - x, x_t) = b - a s^2 and Var(x_t) = a^2 s^2 + b^2."""
 
     def __init__(self, m, s):
         super().__init__()
@@ -103,22 +106,24 @@ def test_euler_sampling_of_the_exact_field_reaches_the_datas_mean_and_variance()
 
 
 @pytest.fixture(scope="module")
-def cifar(tmp_path_factory):
+def cifar_dir(tmp_path_factory):
+    """A CIFAR-10 archive of synthetic discs, and its MD5 for the loader to accept."""
     root = tmp_path_factory.mktemp("cifar")
     images, labels = make_images(per_class=8)
     return root, write_cifar_archive(root / "cifar-10-python.tar.gz", images, labels)
 
 
+@pytest.fixture
+def cifar(cifar_dir, monkeypatch):
+    root, md5 = cifar_dir
+    monkeypatch.setattr(data, "CIFAR10_MD5", md5)
+    return str(root)
+
+
 def fm_run(cifar, out_dir, *extra):
-    """flow_matching.py in this process, on the CIFAR-format archive of synthetic discs -> its ckpt.pt."""
-    root, md5 = cifar
-    import data
-    saved, data.CIFAR10_MD5 = data.CIFAR10_MD5, md5
-    try:
-        flow_matching.main(["--data", "cifar10", "--data-path", str(root), "--model", "T/4", "--batch-size", "8",
-                            "--log-every", "2", "--sample-every", "1000", "--out-dir", str(out_dir), *extra])
-    finally:
-        data.CIFAR10_MD5 = saved
+    """flow_matching.py in this process, on the CIFAR-format archive -> its ckpt.pt."""
+    flow_matching.main(["--data", "cifar10", "--data-path", cifar, "--model", "T/4", "--batch-size", "8",
+                        "--log-every", "2", "--sample-every", "1000", "--out-dir", str(out_dir), *extra])
     return checkpoint.load(str(out_dir / "ckpt.pt"))
 
 
@@ -146,18 +151,11 @@ def test_sample_and_quality_take_any_step_count_of_a_flow_matching_checkpoint(ci
                         str(out)], check=True, cwd=ROOT, capture_output=True, timeout=300)
         assert out.stat().st_size > 0
     # quality.py at two step counts, with a judge trained on the same discs
-    root, md5 = cifar
-    import data
-    import quality
-    saved, data.CIFAR10_MD5 = data.CIFAR10_MD5, md5
-    try:
-        judge = quality.train_judge("cifar10", str(root), 32, steps=20, batch_size=16, log=lambda message: None)
-    finally:
-        data.CIFAR10_MD5 = saved
+    judge = quality.train_judge("cifar10", cifar, 32, steps=20, batch_size=16, log=lambda message: None)
     checkpoint.save(judge, str(tmp_path / "judge.pt"))
-    result = subprocess.run([sys.executable, str(ROOT / "quality.py"), "--judge", str(tmp_path / "judge.pt"),
-                             "--ckpt", str(ckpt), "--nfe", "1,2", "--samples", "20"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    command = [sys.executable, str(ROOT / "quality.py"), "--judge", str(tmp_path / "judge.pt"), "--ckpt",
+               str(ckpt), "--nfe", "1,2", "--samples", "20"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     lines = [line for line in result.stdout.splitlines() if line.startswith("nfe ")]
     assert [line.split(":")[0] for line in lines] == ["nfe 1", "nfe 2"]

@@ -48,7 +48,13 @@ def test_fashion_mnist_preset_learns_the_classes(tmp_path):
     assert [r["step"] for r in judged] == [0, STEPS]
     untrained, trained = judged
     print(f"step {STEPS}: accuracy {trained['judge_accuracy']:.3f}, "
-          f"Frechet ratio {trained['judge_fd_ratio']:.3f}; judge A_real {judge['real_accuracy']:.3f}")
+          f"Frechet ratio {trained['judge_fd_ratio']:.3f}, precision {trained['judge_precision']:.3f}, "
+          f"recall {trained['judge_recall']:.3f}; judge A_real {judge['real_accuracy']:.3f}, real against "
+          f"real: "
+          f"precision {judge['pr_ceiling'][0]:.3f}, recall {judge['pr_ceiling'][1]:.3f}")
     assert untrained["judge_accuracy"] == pytest.approx(0.1)  # mid-gray samples: one class for all
     assert trained["judge_accuracy"] >= THRESHOLD, trained
     assert trained["judge_fd_ratio"] < 0.7, trained
+    # Recall is recorded, not yet held to a floor: the 1-NFE preset draws nearly one garment per class
+    # (README, "What a laptop gets"). The ceiling it is read against must be what real images score.
+    assert judge["pr_ceiling"][1] > 0.8 and 0 <= trained["judge_recall"] <= 1
