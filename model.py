@@ -254,42 +254,21 @@ class Generator(DiT):
 class TokenReadout(DiT):
     """Shared by D and C: prepend a learned token to the patch tokens, run the blocks, read the token out."""
 
-    def read_token(self, token, x, c, midway=None):  # token: (D,), x: (N, C, H, W), c: (N, D) -> (N, D)
-        """midway: an optional function of the tokens (N, 1 + T, D) applied after the first half of the
-        blocks."""
+    def read_token(self, token, x, c):  # token: (D,), x: (N, C, H, W), c: (N, D) -> (N, D)
         h = self.embed(x)
         h = torch.cat([token.expand(h.shape[0], 1, -1).to(h.dtype), h], dim=1)  # (N, 1 + T, D)
-        for i, block in enumerate(self.blocks):
-            if midway is not None and i == len(self.blocks) // 2:
-                h = midway(h)
+        for block in self.blocks:
             h = block(h, c)
         return h[:, 0]
 
 
-def group_spread(h, group):
-    """Minibatch standard deviation (Karras et al. 2018), not in the AFM paper: for each run of `group`
-    consecutive samples, the standard deviation over the group of every feature, averaged.
-    h: (N, ...) with N divisible by group -> (N,), each sample its group's value."""
-    groups = h.float().reshape(h.shape[0] // group, group, -1)                # (N / group, group, F)
-    return groups.std(dim=1, unbiased=False).mean(dim=1).repeat_interleave(group).to(h.dtype)
-
-
 class Discriminator(TokenReadout):
-    """D: image (at target time t) -> one logit per sample. Conditioned on the class, and on t when use_t.
+    """D: image (at target time t) -> one logit per sample. Conditioned on the class, and on t when use_t."""
 
-    minibatch_std = g > 0 (a departure from the paper, off by default): halfway through the blocks, D's token
-    also receives the group_spread of the tokens over each run of g consecutive samples, times a learned
-    vector. D then sees how much a group of samples differs, which is how GANs since ProGAN make a generator
-    that draws one image per class pay for it. The logit of a sample then depends on its group: callers keep
-    real and fake samples in separate groups (batch sizes divisible by g).
-    """
-
-    def __init__(self, use_t=False, minibatch_std=0, **dit_kwargs):
+    def __init__(self, use_t=False, **dit_kwargs):
         super().__init__(**dit_kwargs)
-        self.use_t, self.minibatch_std = use_t, minibatch_std
+        self.use_t = use_t
         self.dis_embed = nn.Parameter(torch.zeros(self.hidden_size))
-        if minibatch_std:
-            self.spread_embed = nn.Parameter(torch.zeros(self.hidden_size))
         if use_t:
             self.t_embedder = TimestepEmbedder(self.hidden_size)
         self.y_embedder = LabelEmbedder(self.num_classes, self.hidden_size)
@@ -302,12 +281,7 @@ class Discriminator(TokenReadout):
         c = self.y_embedder(y)
         if self.use_t:
             c = c + self.t_embedder(t * 1000)
-        midway = None
-        if self.minibatch_std:
-            def midway(h):  # (N, 1 + T, D): the spread of the patch tokens, into D's token
-                spread = group_spread(h[:, 1:], self.minibatch_std)              # (N,)
-                return torch.cat([h[:, :1] + spread[:, None, None] * self.spread_embed, h[:, 1:]], dim=1)
-        return self.final_layer(self.read_token(self.dis_embed, x, c, midway)).squeeze(1)
+        return self.final_layer(self.read_token(self.dis_embed, x, c)).squeeze(1)
 
 
 class Classifier(TokenReadout):

@@ -114,7 +114,7 @@ def paper_defaults(nfe, repeat):
 # What the weights, the data position or the random streams depend on: a resumed run cannot change these.
 # Every other flag given with --resume takes effect (learning rates, schedules, guidance, logging, ...).
 FIXED_ON_RESUME = ("data", "image_size", "model", "nfe", "pred", "repeat", "batch_size", "seed", "phase",
-                   "init_from", "d_reload", "d_minibatch_std")
+                   "init_from", "d_reload")
 
 
 def per_source(name, otherwise="", presets=PRESETS):
@@ -176,9 +176,6 @@ def parse_args(argv=None):
     add("--gp-eps", type=float, default=0.01, help="finite-difference step of R1/R2")
     add("--gp-ratio", type=float, default=0.25, help="fraction of the batch that gets R1/R2")
     add("--cp-scale", type=float, default=0.01, help="lambda_cp of the logit-centering penalty")
-    add("--d-minibatch-std", type=int, default=0, help="not in the paper: D also sees the spread of its "
-        "features over groups of this many samples (minibatch standard deviation, as in ProGAN/StyleGAN), "
-        "which penalizes a G that draws one image per class; 0: off, as the paper")
     add("--max-steps", type=int, help=per_source("max_steps"))
     add("--max-minutes", type=float,
         help="also stop after this many minutes of training (judging and FID not counted)")
@@ -234,10 +231,6 @@ def validate(args, world_size):
         raise ArgumentError(f"--nfe must be a positive integer or 'any', got {args.nfe}")
     if args.repeat < 1 or (args.repeat > 1 and args.nfe != 1):
         raise ArgumentError("--repeat needs a 1-NFE generator (--nfe 1) and must be >= 1")
-    group, local_batch = args.d_minibatch_std, args.batch_size // world_size
-    if group and (group < 2 or local_batch % group or max(1, round(args.gp_ratio * local_batch)) % group):
-        raise ArgumentError(f"--d-minibatch-std {group} needs groups of 2 or more samples that divide the "
-                            f"batch of each process ({local_batch}) and its R1/R2 share (--gp-ratio)")
     recipe.validate(args)
 
 
@@ -265,8 +258,7 @@ def network_kwargs(args, in_channels, input_size, num_classes):
     """Constructor arguments of G and D; stored in the checkpoint so sample.py can rebuild them."""
     dit = dict(MODELS[args.model], input_size=input_size, in_channels=in_channels, num_classes=num_classes)
     generator = dict(dit, use_t_src=args.nfe != 1, use_t_tgt=args.nfe == "any", repeat=args.repeat)
-    discriminator = dict(dit, use_t=args.nfe != 1,  # D sees the target time only, never the source (sec. 3.4)
-                         minibatch_std=args.d_minibatch_std)
+    discriminator = dict(dit, use_t=args.nfe != 1)  # D sees the target time only, never the source (sec. 3.4)
     return generator, discriminator
 
 

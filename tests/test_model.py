@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import model
-import train
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Fixture case name -> its class and how it is called on the fixture's inputs (tests/data/README.md).
@@ -353,63 +352,3 @@ def test_repeat_one_runs_blocks_once(afm_ref, load_case):
             h = block(h, c)
         by_hand = unpatchify(g.final_layer(h, c), g.patch_size, g.in_channels)
         assert rel_err(g(x, y), by_hand) < 1e-5
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Minibatch standard deviation in D (--d-minibatch-std; not in the paper, off by default)
-
-
-def test_group_spread_matches_numpy():
-    h = torch.randn(8, 3, 5)
-    expected = h.numpy().reshape(2, 4, -1).std(axis=1).mean(axis=1)  # numpy's std divides by n, as intended
-    assert np.allclose(model.group_spread(h, 4).numpy(), np.repeat(expected, 4), atol=1e-6)
-    assert torch.equal(model.group_spread(h[:1].expand(4, 3, 5), 4), torch.zeros(4))  # identical samples
-
-
-def tiny_discriminator(**kwargs):
-    return model.Discriminator(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2,
-                               num_heads=2, num_classes=3, **kwargs)
-
-
-def test_minibatch_std_couples_only_the_samples_of_one_group():
-    torch.manual_seed(0)
-    D = tiny_discriminator(minibatch_std=4)
-    with torch.no_grad():  # trained weights: the blocks and the spread vector are no longer zero
-        for p in D.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.2)
-    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 3, (8,))
-    changed = x.clone()
-    changed[5] += 1.0
-    before, after = D(x, y), D(changed, y)
-    assert torch.equal(before[:4], after[:4])  # the other group does not see sample 5
-    assert not torch.allclose(before[[4, 6, 7]], after[[4, 6, 7]])  # its own group does
-    # and without it, only sample 5's own logit moves
-    D_off = tiny_discriminator()
-    D_off.load_state_dict({k: v for k, v in D.state_dict().items() if k != "spread_embed"})
-    moved = (D_off(changed, y) - D_off(x, y)).abs() > 0
-    assert moved.tolist() == [False] * 5 + [True] + [False] * 2
-
-
-def test_minibatch_std_starts_as_the_papers_discriminator():
-    """The spread vector starts at zero: a fresh D with it gives the logits of the same D without it, and the
-    paper's D (and its checkpoints) has no new parameter."""
-    torch.manual_seed(0)
-    D = tiny_discriminator(minibatch_std=2)
-    D_off = tiny_discriminator()
-    assert set(D.state_dict()) - set(D_off.state_dict()) == {"spread_embed"}
-    D_off.load_state_dict({k: v for k, v in D.state_dict().items() if k != "spread_embed"})
-    x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 3, (4,))
-    assert torch.equal(D(x, y), D_off(x, y))
-
-
-def test_train_refuses_groups_that_would_mix_real_and_fake_samples():
-    """The groups must tile the D and G batches and the R1/R2 share of each process."""
-    for flags, world_size in [(["--d-minibatch-std", "5"], 1), (["--d-minibatch-std", "1"], 1),
-                              (["--d-minibatch-std", "4", "--gp-ratio", "0.1"], 1),
-                              (["--d-minibatch-std", "4", "--batch-size", "40"], 4)]:
-        with pytest.raises(train.ArgumentError, match="--d-minibatch-std"):
-            train.validate(train.parse_args(flags), world_size)
-    train.validate(train.parse_args(["--d-minibatch-std", "4"]), world_size=1)  # batch 32, R1/R2 on 8
-    _, discriminator_kwargs = train.network_kwargs(train.parse_args(["--d-minibatch-std", "4"]), 1, 28, 10)
-    assert discriminator_kwargs["minibatch_std"] == 4

@@ -115,7 +115,7 @@ def brute_force_precision_recall(real, fake, k):
 def test_precision_and_recall_of_points_worked_out_by_hand():
     # On a line, k = 1. Real 0, 1, 2, 3, 10: radii 1, 1, 1, 1, 7 (10's nearest is 3).
     # Fake 0.5, 5, 20: radii 4.5, 4.5, 15.
-    # precision: 0.5 is in 0's ball, 5 in 10's ball (|5 - 10| = 5 <= 7), 20 in none (|20 - 10| = 10 > 7) -> 2/3
+    # precision: 0.5 is in 0's ball, 5 in 10's (|5 - 10| = 5 <= 7), 20 in none (|20 - 10| = 10 > 7) -> 2/3
     # recall: 0..3 are in 0.5's ball (<= 4.5 away); 10 is 5 from 5 (> 4.5) but 10 from 20 (<= 15) -> 5/5
     real = torch.tensor([[0.0], [1.0], [2.0], [3.0], [10.0]])
     fake = torch.tensor([[0.5], [5.0], [20.0]])
