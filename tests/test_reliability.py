@@ -498,7 +498,7 @@ def test_no_loader_runs_a_pickle_payload(tmp_path, loader):
 def test_sigkill_at_any_time_leaves_a_loadable_checkpoint_and_resume_finishes(images, tmp_path, background):
     """kill -9 three times (once in the middle of writing a checkpoint, twice at seeded random moments after
     one), resuming in between: ckpt.pt always loads and is complete, and the last resume runs to the end."""
-    out, max_steps = tmp_path / "out", 8
+    out, max_steps = tmp_path / "out", 24
     args = tiny(images, out, "--max-steps", max_steps, "--ckpt-every", "1")
     ckpt, rng, last_step = out / "ckpt.pt", random.Random(1234), 0
     for kill in range(3):
