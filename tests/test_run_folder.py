@@ -22,9 +22,9 @@ import torch
 import checkpoint
 import runtime
 import sample
-from test_reliability import (ENV, ROOT, TIMEOUT, Background, assert_complete_checkpoint,
-                              assert_one_line_error, log_steps, png_folder, run, stderr_lines,
-                              temp_files, tiny)
+import test_reliability
+from test_reliability import (ENV, ROOT, TIMEOUT, assert_complete_checkpoint, assert_one_line_error,
+                              log_steps, run, stderr_lines, temp_files, tiny)
 
 ZIP_WRITER_ERROR = "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"
 SHORT = ("--max-steps", 4, "--ckpt-every", 2)
@@ -34,10 +34,8 @@ FLOW_MATCHING = ("--data", "folder", "--image-size", "16", "--model", "T/4", "--
                  "--num-workers", "0", "--log-every", "1", "--sample-every", "100000", "--judge-every", "0")
 
 
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    """20 PNGs of 16x16 in 10 class folders."""
-    return png_folder(tmp_path_factory.mktemp("images"))
+images = test_reliability.images          # fixtures shared with test_reliability.py: 20 PNGs of 16x16,
+background = test_reliability.background  # and train.py runs in the background, killed at teardown
 
 
 def flags(script, images, out_dir, *extra):
@@ -70,19 +68,6 @@ def contents(out):
     """Every file in out but the lock: name -> bytes."""
     return {name: (out / name).read_bytes() for name in sorted(os.listdir(out))
             if name != checkpoint.LOCK_NAME}
-
-
-@pytest.fixture
-def background(tmp_path):
-    started = []
-
-    def start(args):
-        started.append(Background(args, tmp_path / "logs"))
-        return started[-1]
-
-    yield start
-    for process in started:
-        process.kill()
 
 
 # ------------------------------------------------------------------------------------------------------------
