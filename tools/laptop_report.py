@@ -107,32 +107,33 @@ def nearest_grid(run, log, minute):
     return Image.open(os.path.join(run, f"samples_{step:08d}.png")).convert("RGB"), minutes_at[step], step
 
 
-def draw_grids(runs, logs, names, minutes, path, gap=12, label=18):
-    cells = [[nearest_grid(run, log, m) for m in minutes] for run, log in zip(runs, logs)]
-    scale = max(1, 400 // cells[0][0][0].size[0])  # 28-px samples are drawn 2x, pixel for pixel
-    cells = [[(grid.resize((grid.size[0] * scale, grid.size[1] * scale), Image.NEAREST), minute, step)
-              for grid, minute, step in row] for row in cells]
-    width, height = cells[0][0][0].size
-    image, draw = new_drawing((len(minutes) * (width + gap), len(runs) * (height + label + gap)))
-    for row, (name, run_cells) in enumerate(zip(names, cells)):
-        for column, (grid, minute, step) in enumerate(run_cells):
-            x, y = column * (width + gap), row * (height + label + gap)
-            draw.text((x, y + 2), f"{name}: {minute:.1f} min (step {step})", fill=(0, 0, 0))
-            image.paste(grid, (x, y + label))
+def draw_table(rows, path, gap=12, label=18):
+    """Rows of (caption, image) pairs, each image under its caption; 28-px samples are drawn 2x, pixel for
+    pixel."""
+    scale = max(1, 400 // rows[0][0][1].size[0])
+    rows = [[(caption, picture.resize((picture.size[0] * scale, picture.size[1] * scale), Image.NEAREST))
+             for caption, picture in row] for row in rows]
+    width = max(picture.size[0] for row in rows for _, picture in row)
+    height = max(picture.size[1] for row in rows for _, picture in row)
+    image, draw = new_drawing((max(map(len, rows)) * (width + gap), len(rows) * (height + label + gap)))
+    for r, row in enumerate(rows):
+        for column, (caption, picture) in enumerate(row):
+            x, y = column * (width + gap), r * (height + label + gap)
+            draw.text((x, y + 2), caption, fill=(0, 0, 0))
+            image.paste(picture, (x, y + label))
     image.save(path)
 
 
-def compose(paths, names, out, gap=12, label=18):
-    """PNG files in one row, each under its name, drawn 2x where they are small."""
-    grids = [Image.open(path).convert("RGB") for path in paths]
-    scale = max(1, 400 // grids[0].size[0])
-    grids = [grid.resize((grid.size[0] * scale, grid.size[1] * scale), Image.NEAREST) for grid in grids]
-    width, height = max(g.size[0] for g in grids), max(g.size[1] for g in grids)
-    image, draw = new_drawing((len(grids) * (width + gap), height + label))
-    for column, (name, grid) in enumerate(zip(names, grids)):
-        draw.text((column * (width + gap), 2), name, fill=(0, 0, 0))
-        image.paste(grid, (column * (width + gap), label))
-    image.save(out)
+def draw_grids(runs, logs, names, minutes, path):
+    """One row per run, one column per chosen minute: the grid written nearest to it."""
+    draw_table([[(f"{name}: {minute:.1f} min (step {step})", grid)
+                 for grid, minute, step in (nearest_grid(run, log, m) for m in minutes)]
+                for run, log, name in zip(runs, logs, names)], path)
+
+
+def compose(paths, names, out):
+    """PNG files in one row, each under its name."""
+    draw_table([[(name, Image.open(path).convert("RGB")) for name, path in zip(names, paths)]], out)
 
 
 def main():
