@@ -373,17 +373,40 @@ def center_crop_arr(pil_image, image_size):
     return array[top:top + image_size, left:left + image_size]
 
 
+GRAYSCALE_MODES = ("1", "L", "I", "I;16")
+
+
+def all_grayscale(paths, tolerance=2):
+    """True when every readable image among paths is grayscale: a grayscale mode, or RGB whose three channels
+    differ by at most tolerance levels anywhere (grayscale saved as RGB, JPEG's rounding allowed). Digits
+    saved as RGB then train as one channel, as they would saved as grayscale: a G that has to learn to keep
+    three channels equal gives D an easy cue that has nothing to do with the digit."""
+    readable = 0
+    for path in paths:
+        try:
+            with Image.open(path) as file:
+                if file.mode not in GRAYSCALE_MODES:
+                    rgb = np.asarray(file.convert("RGB"), dtype=np.int16)  # (H, W, 3)
+                    if np.abs(rgb - rgb[..., :1]).max() > tolerance:
+                        return False
+        except Exception:  # unreadable: ImageFolder skips it with a warning when it is drawn
+            continue
+        readable += 1
+    return readable > 0
+
+
 class ImageFolder(Dataset):
     """Images in root/<class>/<file>; item (index, flip) -> (uint8 (C, S, S), label), S = image_size.
 
-    C is 1 when the first image is grayscale (PIL mode L, 1, I or I;16): every image is then read as
-    grayscale. Otherwise C = 3 and every image is read as RGB.
+    C is 1 when the folder holds grayscale images, whether saved as grayscale (PIL modes 1, L, I, I;16) or as
+    RGB with equal channels (judged on up to 64 images spread over the folder): every image is then read as
+    grayscale. Otherwise C = 3 and every image is read as RGB. channels=3 forces RGB (the VAE's input).
 
     Classes are the sorted subfolder names (.classes); label i is .classes[i]. An unreadable image is skipped:
     the item is the next readable one, and a warning names the bad file once.
     """
 
-    def __init__(self, root, image_size):
+    def __init__(self, root, image_size, channels=None):
         if not os.path.isdir(root):
             raise DataError(f"image folder {root} does not exist")
         self.root, self.image_size = root, image_size
@@ -397,12 +420,10 @@ class ImageFolder(Dataset):
             self.samples += [(os.path.join(root, name, f), label) for f in files]
         if not self.samples:
             raise DataError(f"no image files in the class folders of {root}")
-        self.channels = 3
-        try:
-            with Image.open(self.samples[0][0]) as first:
-                self.channels = 1 if first.mode in ("1", "L", "I", "I;16") else 3
-        except Exception:  # unreadable: _load reports it; the folder is read as RGB
-            pass
+        if channels is None:  # judged on up to 64 images spread evenly over the folder
+            stride = -(-len(self.samples) // 64)
+            channels = 1 if all_grayscale(path for path, _ in self.samples[::stride]) else 3
+        self.channels = channels
         self._warned = set()  # unreadable files already reported by __getitem__
 
     def __len__(self):
@@ -505,7 +526,7 @@ def make_dataset(name, data_path, image_size):
         dataset = LatentDataset(data_path)
         channels, size, _ = dataset.latent_shape
         return dataset, 1000, channels, size
-    return ImageFolder(data_path, 256), 1000, 3, 256  # pixels: the caller encodes them with the VAE
+    return ImageFolder(data_path, 256, channels=3), 1000, 3, 256  # RGB pixels: the caller encodes them
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -421,7 +421,8 @@ def extract_latents(weights, data_path, out, image_size=256, batch_size=64, devi
     device = torch.device(device or runtime.default_device())
     vae = load_vae(weights, device)
 
-    folder = data.ImageFolder(data_path, image_size)  # raises data.DataError for a missing or empty folder
+    # RGB, as the VAE needs; raises data.DataError for a missing or empty folder
+    folder = data.ImageFolder(data_path, image_size, channels=3)
     # bf16 on CUDA (as the latents are stored in fp16 anyway), fp32 elsewhere
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()

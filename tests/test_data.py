@@ -496,6 +496,46 @@ def test_image_folder_of_grayscale_images_has_one_channel(tmp_path):
     assert torch.equal(image[0], torch.from_numpy(expected))
 
 
+def write_digit_folder(root, save):
+    """Two classes of three 28-px grayscale noise images each, written by save(gray uint8 (28, 28), path)."""
+    for label in range(2):
+        os.makedirs(root / str(label))
+        for i in range(3):
+            save(noise(28, 28, 10 * label + i)[..., 0], root / str(label) / f"{i}.png")
+
+
+def test_image_folder_of_grayscale_saved_as_rgb_reads_one_channel(tmp_path):
+    write_digit_folder(tmp_path / "gray", lambda gray, path: Image.fromarray(gray).save(path))
+    write_digit_folder(tmp_path / "rgb", lambda gray, path: Image.fromarray(gray).convert("RGB").save(path))
+    assert Image.open(tmp_path / "rgb" / "1" / "2.png").mode == "RGB"
+    gray, rgb = ImageFolder(str(tmp_path / "gray"), 32), ImageFolder(str(tmp_path / "rgb"), 32)
+    assert gray.channels == rgb.channels == 1
+    for index in range(6):  # the same pixels, however the files were saved
+        assert torch.equal(gray[(index, True)][0], rgb[(index, True)][0])
+    assert ImageFolder(str(tmp_path / "rgb"), 32, channels=3)[(0, False)][0].shape == (3, 32, 32)
+
+
+def test_image_folder_with_one_colour_image_reads_rgb(tmp_path):
+    write_digit_folder(tmp_path, lambda gray, path: Image.fromarray(gray).convert("RGB").save(path))
+    tinted = np.asarray(Image.open(tmp_path / "1" / "2.png")).copy()
+    tinted[5, 5, 0] = tinted[5, 5, 1] ^ 0x80  # one pixel of one image off gray
+    Image.fromarray(tinted).save(tmp_path / "1" / "2.png")
+    assert ImageFolder(str(tmp_path), 32).channels == 3
+
+
+def test_grayscale_jpeg_saved_as_rgb_counts_as_grayscale(tmp_path):
+    path = tmp_path / "a.jpg"
+    Image.fromarray(noise(28, 28, 3)[..., 0]).convert("RGB").save(path, quality=75)
+    assert Image.open(path).mode == "RGB" and data.all_grayscale([path])
+    assert not data.all_grayscale([path, tmp_path / "missing.png", write_colour(tmp_path / "c.png")])
+    assert not data.all_grayscale([tmp_path / "missing.png"])  # nothing readable: read as RGB
+
+
+def write_colour(path):
+    Image.fromarray(noise(8, 8, 4)).save(path)
+    return path
+
+
 def test_image_folder_skips_unreadable_images_with_one_warning(folder, capsys):
     dataset = ImageFolder(str(folder), 8)
     with pytest.raises(OSError):  # the truncated file really is unreadable, yet opens (PIL decodes lazily)
