@@ -134,6 +134,15 @@ def test_paper_defaults_for_imagenet():
     assert deep.grad_clip == 5.0
 
 
+def test_flips_by_data_row():
+    """Mirrored images belong to photos (CIFAR-10, ImageNet), not to digits, garments or a folder of unknown
+    content, which flips only when asked."""
+    flips = {data: train.parse_args(["--data", data]).flip for data in train.PRESETS}
+    assert flips == {"fashion-mnist": False, "mnist": False, "cifar10": True, "folder": False, "imagenet": True}
+    assert train.parse_args(["--data", "folder", "--flip"]).flip
+    assert not train.parse_args(["--data", "cifar10", "--no-flip"]).flip
+
+
 @pytest.mark.parametrize("nfe", ["2", "any"])
 def test_multistep_runs(cifar, tmp_path, nfe):
     state = run_train(["--data", "cifar10", "--data-path", cifar, "--out-dir", str(tmp_path),
