@@ -164,8 +164,9 @@ def parse_args(argv=None):
     add("--ema-warmup", type=int, help="the EMA decays at min(--ema-decay, (1 + step) / (warmup + step)), so "
         "it forgets the random start within a few steps " + per_source("ema_warmup", "0, off, as the paper"))
     add("--flip", action=argparse.BooleanOptionalAction, help="random horizontal flips of the training "
-        "images (default: on for cifar10 and imagenet; off for mnist and fashion-mnist, whose mirrored digits "
-        "and shoes are not in the data, and for folder, which may hold digits or text: --flip for photos)")
+        "images (default: on for cifar10 and imagenet; off for mnist and fashion-mnist, whose mirrored "
+        "digits and shoes are not in the data, and for folder, which may hold digits or text: --flip for "
+        "photos)")
     add("--grad-clip", type=float, help="max gradient norm (default 50 for 1-NFE, 5 for multi-step and deep "
         "generators, as the authors' configs)")
     add("--ot-start", type=float,

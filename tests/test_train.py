@@ -138,7 +138,8 @@ def test_flips_by_data_row():
     """Mirrored images belong to photos (CIFAR-10, ImageNet), not to digits, garments or a folder of unknown
     content, which flips only when asked."""
     flips = {data: train.parse_args(["--data", data]).flip for data in train.PRESETS}
-    assert flips == {"fashion-mnist": False, "mnist": False, "cifar10": True, "folder": False, "imagenet": True}
+    assert flips == {"fashion-mnist": False, "mnist": False, "cifar10": True, "folder": False,
+                     "imagenet": True}
     assert train.parse_args(["--data", "folder", "--flip"]).flip
     assert not train.parse_args(["--data", "cifar10", "--no-flip"]).flip
 
