@@ -16,8 +16,8 @@ sample.sample(..., pred="v"): AFM's multi-step update x <- x - (s - t) G (eq. 39
 G is train.py's Generator with a source-time input (the one a multi-step AFM generator has), trained with
 train.py's data loader, EMA, checkpoints, resume, --max-minutes, sample grids and judge. A step is one G
 update on one batch: three forward passes' worth of compute per image, against AFM's 14.5 (paper Table 12).
-On one core of a 2-core laptop CPU the T/7 preset makes about 400 steps of 128 images a minute, AFM's 300
-steps of 32 (README, "What a laptop gets").
+On one core of a 2-core laptop CPU the T/7 preset makes 290-400 steps of 128 images a minute, AFM's 230-300
+steps of 32, depending on the host (README, "What a laptop gets").
 """
 
 import argparse

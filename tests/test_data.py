@@ -523,17 +523,17 @@ def test_image_folder_with_one_colour_image_reads_rgb(tmp_path):
     assert ImageFolder(str(tmp_path), 32).channels == 3
 
 
+def write_colour(path):
+    Image.fromarray(noise(8, 8, 4)).save(path)
+    return path
+
+
 def test_grayscale_jpeg_saved_as_rgb_counts_as_grayscale(tmp_path):
     path = tmp_path / "a.jpg"
     Image.fromarray(noise(28, 28, 3)[..., 0]).convert("RGB").save(path, quality=75)
     assert Image.open(path).mode == "RGB" and data.all_grayscale([path])
     assert not data.all_grayscale([path, tmp_path / "missing.png", write_colour(tmp_path / "c.png")])
     assert not data.all_grayscale([tmp_path / "missing.png"])  # nothing readable: read as RGB
-
-
-def write_colour(path):
-    Image.fromarray(noise(8, 8, 4)).save(path)
-    return path
 
 
 def test_image_folder_skips_unreadable_images_with_one_warning(folder, capsys):
