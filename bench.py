@@ -92,9 +92,10 @@ def parse_args(argv=None):
                    help="pull batches from data.Loader over files in a temporary directory, as train.py does")
     options, train_argv = p.parse_known_args(argv)
     args = train.parse_args(train_argv)
-    if options.data_loader and not any(a.split("=")[0] == "--num-workers" for a in train_argv):
-        # The workers train.py gives the source simulated here (the default --data, in memory, has none).
-        args.num_workers = train.PRESETS["folder" if options.in_channels == 3 else "imagenet"]["num_workers"]
+    if options.data_loader and options.in_channels == 4 and args.num_workers is None:
+        # The workers train.py gives ImageNet latents (the default --data, in memory, has none); image
+        # folders get data.default_workers, as in train.py.
+        args.num_workers = train.PRESETS["imagenet"]["num_workers"]
     if options.steps < 1 or options.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
     if args.vae and not (options.data_loader and options.in_channels == 4):
@@ -220,8 +221,8 @@ def loader_batches(root, options, args, iterations, device):
     """Batches pulled from data.Loader and, with --vae, encoded to latents, as train.py's next_batch does."""
     # Enough samples that no epoch ends within the run.
     dataset = write_dataset(root, options, args, count=(2 * iterations + 1) * args.batch_size)
-    loader = data.Loader(dataset, args.batch_size, seed=args.seed, num_workers=args.num_workers,
-                         device=device)
+    workers = data.default_workers(dataset) if args.num_workers is None else args.num_workers
+    loader = data.Loader(dataset, args.batch_size, seed=args.seed, num_workers=workers, device=device)
     autoencoder = vae.load_vae(args.vae, device) if args.vae else None
 
     def next_batch():

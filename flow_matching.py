@@ -72,7 +72,9 @@ FM_IMAGENET = dict(batch_size=256, lr=1e-4, ema_decay=0.9999, ema_warmup=0, grad
 
 def preset(name, row):
     """flow_matching.py's row for --data name, from train.py's row."""
-    shared = dict(model=row["model"], image_size=row["image_size"], num_workers=row["num_workers"])
+    shared = dict(model=row["model"], image_size=row["image_size"])
+    if "num_workers" in row:
+        shared["num_workers"] = row["num_workers"]
     if name == "imagenet":
         return dict(shared, ckpt_every=row["ckpt_every"], sample_every=row["sample_every"],
                     log_every=row["log_every"], **FM_IMAGENET)
@@ -120,7 +122,7 @@ def parse_args(argv=None):
     add("--device", help="cuda, mps or cpu (default: the first available)")
     add("--precision", choices=["fp32", "tf32", "bf16"], default="tf32", help="as train.py's")
     add("--num-workers", type=int, help="data-loading worker processes per rank " +
-        per_source("num_workers"))
+        train.per_source("num_workers", "0, or 1 for a folder of images over 64 px", PRESETS))
     add("--ckpt-every", type=int, help=per_source("ckpt_every"))
     add("--keep", type=int, default=0, help="also keep the last N step-stamped checkpoints")
     add("--sample-every", type=int, help="write an EMA sample grid every N steps " +

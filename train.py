@@ -84,11 +84,12 @@ from sample import grid_labels, sample_images, write_grid
 #                        steps. --nfe 4 had learnt 0.24 of A_real in 10 minutes: not a laptop setting yet.
 # The MNISTs are 28 px (no padding) and never flipped (a mirrored digit is not a digit). A folder is not
 # flipped either unless --flip, since it may hold digits or text: on 5,000 real digits saved as 32-px PNGs,
-# flips cut the sample accuracy at 10 minutes on one core from 0.60 to 0.20 of A_real. In-memory datasets
-# need no loader processes; a folder gets one, to decode while the model trains (a 500 x 375 JPEG takes
-# 2-3.6 ms to decode and shrink to 32 px, so a step's 64 real images take about as long as the step itself).
-# A folder of images already near 32 px decodes in 0.1 ms each: there --num-workers 0 is faster on a 2-core
-# CPU (28-px digits: 410 steps a minute against 340; the worker competes with training for the two cores).
+# flips cut the sample accuracy at 10 minutes on one core from 0.60 to 0.20 of A_real. Loader processes
+# (data.default_workers, unless --num-workers): none for in-memory datasets and folders of images up to 64 px;
+# one for a folder of larger images, to decode while the model trains (a 500 x 375 JPEG takes 2-3.6 ms to
+# decode and shrink to 32 px, so a step's 64 real images take about as long as the step itself). A 28-px
+# digit decodes in 0.1 ms, and there a worker only competes for the two cores (410 steps a minute without,
+# 340 with one).
 # The judge (quality.py) labels samples every judge_every steps: on by default for the MNISTs, whose judge
 # trains in a minute; --judge-every N turns it on for CIFAR-10 and folders (it trains on the whole set first).
 LAPTOP = dict(batch_size=32, lr=2e-3, g_lr=1e-3, max_steps=20_000, ema_decay=0.99, ema_warmup=10,
@@ -96,10 +97,10 @@ LAPTOP = dict(batch_size=32, lr=2e-3, g_lr=1e-3, max_steps=20_000, ema_decay=0.9
               augment_translate=0.08, augment_cutouts=0, ckpt_every=1000, sample_every=500, log_every=50)
 
 PRESETS = {
-    "fashion-mnist": dict(LAPTOP, model="T/7", image_size=28, flip=False, judge_every=250, num_workers=0),
-    "mnist": dict(LAPTOP, model="T/7", image_size=28, flip=False, judge_every=250, num_workers=0),
-    "cifar10": dict(LAPTOP, model="T/8", image_size=32, flip=True, judge_every=0, num_workers=0),
-    "folder": dict(LAPTOP, model="T/8", image_size=32, flip=False, judge_every=0, num_workers=1),
+    "fashion-mnist": dict(LAPTOP, model="T/7", image_size=28, flip=False, judge_every=250),
+    "mnist": dict(LAPTOP, model="T/7", image_size=28, flip=False, judge_every=250),
+    "cifar10": dict(LAPTOP, model="T/8", image_size=32, flip=True, judge_every=0),
+    "folder": dict(LAPTOP, model="T/8", image_size=32, flip=False, judge_every=0),
     # The paper (Table 10/11, phase 1): XL/2 on SD-VAE latents, batch 256, lr 1e-4, EMA 0.9999, lambda_ot
     # decayed over 100 epochs = 1M alternating iterations = 500k of our D+G steps.
     "imagenet": dict(model="XL/2", image_size=256, batch_size=256, lr=1e-4, max_steps=1_000_000,
@@ -197,7 +198,8 @@ def parse_args(argv=None):
     add("--precision", choices=["fp32", "tf32", "bf16"], default="tf32", help="CUDA matmul precision; bf16 "
         "is autocast and opt-in (the paper trains in TF32). CPU always runs fp32")
     add("--compile", action="store_true", help="torch.compile G and D")
-    add("--num-workers", type=int, help="data-loading worker processes per rank " + per_source("num_workers"))
+    add("--num-workers", type=int, help="data-loading worker processes per rank " +
+        per_source("num_workers", "0, or 1 for a folder of images over 64 px"))
     add("--ckpt-every", type=int, help=per_source("ckpt_every"))
     add("--keep", type=int, default=0, help="also keep the last N step-stamped checkpoints")
     add("--sample-every", type=int,

@@ -398,8 +398,9 @@ def open_data(args, rank, world_size, device, flip=True, decoder=False):
     if input_size % patch:
         raise data.DataError(f"{args.model} cuts its input into {patch} x {patch} patches, which do not tile "
                              f"{input_size} x {input_size}: choose another --model or --image-size")
+    workers = data.default_workers(dataset) if args.num_workers is None else args.num_workers
     loader = data.Loader(dataset, args.batch_size // world_size, rank=rank, world_size=world_size,
-                         seed=args.seed, num_workers=args.num_workers, device=device, flip=flip)
+                         seed=args.seed, num_workers=workers, device=device, flip=flip)
 
     def next_batch():
         x, y = next(loader)

@@ -536,6 +536,18 @@ def test_grayscale_jpeg_saved_as_rgb_counts_as_grayscale(tmp_path):
     assert not data.all_grayscale([tmp_path / "missing.png"])  # nothing readable: read as RGB
 
 
+def test_loader_processes_only_for_folders_of_large_images(tmp_path):
+    write_digit_folder(tmp_path / "digits", lambda gray, path: Image.fromarray(gray).save(path))
+    digits = ImageFolder(str(tmp_path / "digits"), 32)
+    assert digits.largest_side == 28 and data.default_workers(digits) == 0
+    Image.fromarray(noise(65, 40, 1)).save(tmp_path / "digits" / "1" / "photo.png")  # 40 wide, 65 high
+    photos = ImageFolder(str(tmp_path / "digits"), 32)
+    assert photos.largest_side == 65 and data.default_workers(photos) == 1
+    in_memory = ArrayDataset(np.zeros((4, 28, 28, 1), np.uint8), np.zeros(4, np.int64))
+    assert data.default_workers(in_memory) == 0
+    assert data.largest_side([tmp_path / "missing.png"]) == 0
+
+
 def test_image_folder_skips_unreadable_images_with_one_warning(folder, capsys):
     dataset = ImageFolder(str(folder), 8)
     with pytest.raises(OSError):  # the truncated file really is unreadable, yet opens (PIL decodes lazily)
