@@ -82,7 +82,7 @@ from sample import grid_labels, sample_images, write_grid
 #                        recall 0.25 and 0.24 against one step's 0.04. The paper's multi-step lambda_ot
 #                        (0.25, here decayed over 3,000 steps) learnt more slowly and diverged at 6,700
 #                        steps. --nfe 4 had learnt 0.24 and 0.17 of A_real in 10 minutes on two hosts, with
-#                        D's loss near log 2 throughout (it hardly tells real from fake): not a laptop setting.
+#                        D's loss near log 2 throughout (it hardly tells real from fake): no laptop setting.
 # The MNISTs are 28 px (no padding) and never flipped (a mirrored digit is not a digit). A folder is not
 # flipped either unless --flip, since it may hold digits or text: on 5,000 real digits saved as 32-px PNGs,
 # flips cut the sample accuracy at 10 minutes on one core from 0.60 to 0.20 of A_real. Loader processes
