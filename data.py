@@ -407,7 +407,10 @@ def largest_side(paths):
     return max(sides)
 
 
-def default_workers(dataset, small_side=64):
+SMALL_IMAGE_SIDE = 64  # pixels: folders of images up to this size get no loader process
+
+
+def default_workers(dataset, small_side=SMALL_IMAGE_SIDE):
     """Loader processes when --num-workers is not given. Decoding pays for a process only on large images (a
     500 x 375 JPEG takes 2-3.6 ms to decode and shrink to 32 px, about as long as a laptop's training step
     takes for its 64 images); arrays in memory and folders of images up to small_side pixels (a 28-px PNG
@@ -421,7 +424,7 @@ class ImageFolder(Dataset):
     C is 1 when the folder holds grayscale images, whether saved as grayscale (PIL modes 1, L, I, I;16) or as
     RGB with equal channels (judged on up to 64 images spread over the folder): every image is then read as
     grayscale. Otherwise C = 3 and every image is read as RGB. channels=3 forces RGB (the VAE's input).
-.largest_side is the longest side among those images (default_workers reads it).
+    .largest_side is the longest side among those images (default_workers reads it).
 
     Classes are the sorted subfolder names (.classes); label i is .classes[i]. An unreadable image is skipped:
     the item is the next readable one, and a warning names the bad file once.

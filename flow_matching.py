@@ -88,8 +88,8 @@ PRESETS = {name: preset(name, row) for name, row in train.PRESETS.items()}
 FIXED_ON_RESUME = ("data", "image_size", "model", "batch_size", "seed")
 
 
-def per_source(name):
-    return train.per_source(name, presets=PRESETS)
+def per_source(name, otherwise=""):
+    return train.per_source(name, otherwise, presets=PRESETS)
 
 
 def parse_args(argv=None):
@@ -122,7 +122,7 @@ def parse_args(argv=None):
     add("--device", help="cuda, mps or cpu (default: the first available)")
     add("--precision", choices=["fp32", "tf32", "bf16"], default="tf32", help="as train.py's")
     add("--num-workers", type=int, help="data-loading worker processes per rank " +
-        train.per_source("num_workers", "0, or 1 for a folder of images over 64 px", PRESETS))
+        per_source("num_workers", train.WORKERS_OTHERWISE))
     add("--ckpt-every", type=int, help=per_source("ckpt_every"))
     add("--keep", type=int, default=0, help="also keep the last N step-stamped checkpoints")
     add("--sample-every", type=int, help="write an EMA sample grid every N steps " +

@@ -126,6 +126,10 @@ FIXED_ON_RESUME = ("data", "image_size", "model", "nfe", "pred", "repeat", "batc
                    "init_from", "d_reload")
 
 
+# The --num-workers default of the rows that set none (data.default_workers), for --help.
+WORKERS_OTHERWISE = f"0, or 1 for a folder of images over {data.SMALL_IMAGE_SIDE} px"
+
+
 def per_source(name, otherwise="", presets=PRESETS):
     """'(default: cifar10 2e-4, ..., imagenet 1e-4)' for a flag the --data rows set, for --help."""
     values = [f"{source} {row[name]}" for source, row in presets.items() if name in row]
@@ -200,7 +204,7 @@ def parse_args(argv=None):
         "is autocast and opt-in (the paper trains in TF32). CPU always runs fp32")
     add("--compile", action="store_true", help="torch.compile G and D")
     add("--num-workers", type=int, help="data-loading worker processes per rank " +
-        per_source("num_workers", "0, or 1 for a folder of images over 64 px"))
+        per_source("num_workers", WORKERS_OTHERWISE))
     add("--ckpt-every", type=int, help=per_source("ckpt_every"))
     add("--keep", type=int, default=0, help="also keep the last N step-stamped checkpoints")
     add("--sample-every", type=int,

@@ -35,20 +35,17 @@ import quality  # noqa: E402
 from model import Discriminator, Generator  # noqa: E402
 
 
-def w2_bound(images):
-    """Gelbrich's bound W2^2(N(0, I), N(m, S)) / n for images (N, n): the cost of the Gaussian optimal map."""
+def class_gaussian(images, k):
+    """From one eigendecomposition of the covariance S of images (N, n), with mean m:
+    -> (Gelbrich's bound W2^2(N(0, I), N(m, S)) / n, the cost of the Gaussian optimal map;
+        the k unit directions (n, k) along which the images vary most; their share of the variance)."""
     mean = images.mean(0)
-    cov = np.cov(images, rowvar=False)  # (n, n)
-    eigenvalues = np.clip(np.linalg.eigvalsh(cov), 0, None)
+    eigenvalues, eigenvectors = np.linalg.eigh(np.cov(images, rowvar=False))  # ascending
+    eigenvalues = np.clip(eigenvalues, 0, None)
     n = images.shape[1]
-    return float((mean @ mean + n + eigenvalues.sum() - 2 * np.sqrt(eigenvalues).sum()) / n)
-
-
-def principal_directions(images, k):
-    """The k unit directions (n, k) along which images (N, n) vary most, and their share of the variance."""
-    centred = images - images.mean(0)
-    _, singular, vt = np.linalg.svd(centred, full_matrices=False)
-    return vt[:k].T, float((singular[:k] ** 2).sum() / (singular ** 2).sum())
+    bound = float((mean @ mean + n + eigenvalues.sum() - 2 * np.sqrt(eigenvalues).sum()) / n)
+    top = eigenvectors[:, ::-1][:, :k]
+    return bound, top, float(eigenvalues[::-1][:k].sum() / eigenvalues.sum())
 
 
 def gradients(G, D, z, real, y):
@@ -76,13 +73,17 @@ def report(args):
     if G.use_t_src or G.use_t_tgt:
         sys.exit(f"error: {args.ckpt} is a multi-step generator; this reads one-step (--nfe 1) runs")
     images, labels, _, _ = quality.real_splits(args.data, args.data_path, G.input_size)
+    classes = args.classes or range(G.num_classes)
+    missing = [c for c in classes if not (labels == c).any()]
+    if missing:
+        sys.exit(f"error: --classes {missing} are not among the data's classes 0-{G.num_classes - 1}")
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     config = run["config"]
     print(f"{args.ckpt}: step {run['step']}, lambda_ot {config['ot_start']} -> {config['ot_end']}; "
           f"OT / D at lambda_ot = 1, top-{args.k} directions")
     print("class  cost   independent  W2 bound  corr   OT/D all  OT/D top-k  (top-k: share of variance)")
-    for c in args.classes or range(G.num_classes):
+    for c in classes:
         x = images[labels == c].reshape(int((labels == c).sum()), -1).astype(np.float64) / 127.5 - 1  # (N, n)
         y = torch.full((args.noises,), c)
         z = torch.randn(args.noises, G.in_channels, G.input_size, G.input_size)
@@ -93,11 +94,11 @@ def report(args):
         independent = float((x ** 2).sum(1).mean() / x.shape[1] + 1)
         centred = fake - fake.mean(0)
         corr = ((centred * z).sum() / (centred.norm() * z.norm())).item()
-        U, share = principal_directions(x, args.k)
-        U = torch.from_numpy(U).float()  # (n, k)
+        bound, U, share = class_gaussian(x, args.k)
+        U = torch.from_numpy(U.copy()).float()  # (n, k)
         ratio_all = (grad_ot.norm(dim=1) / grad_adv.norm(dim=1)).median().item()
         ratio_top = ((grad_ot @ U).norm(dim=1) / (grad_adv @ U).norm(dim=1)).median().item()
-        print(f"{c:5d}  {cost:.3f}  {independent:11.3f}  {w2_bound(x):8.3f}  {corr:5.2f}  {ratio_all:8.2f}  "
+        print(f"{c:5d}  {cost:.3f}  {independent:11.3f}  {bound:8.3f}  {corr:5.2f}  {ratio_all:8.2f}  "
               f"{ratio_top:10.2f}  ({share:.2f})")
 
 
