@@ -10,6 +10,8 @@ Generator step (eqs. 14, 17, 20, 26):
 with f(a, b) = softplus(-(a - b)) the relativistic pairing loss, R1/R2 the finite-difference gradient
 penalties, phi the gradient normalization of gradnorm.py, and w = max(|s - t|, 0.001) (eq. 21),
 which is 1 for 1-NFE.
+With the paired augmentation rho (eqs. 33-34) D sees rho(x_t) and rho(G(x_s)), and G's adversarial term is
+f(D(phi(rho(G(x_s)))), D(rho(x_t))): phi comes after rho; the OT and guidance terms never see rho.
 """
 
 import torch
@@ -132,8 +134,10 @@ def discriminator_objective(G, D, x, y, nfe=1, pred="x", gp_scale=0.25, cp_scale
 
 
 def generator_objective(G, D, gradnorm, x, y, nfe=1, pred="x", ot_scale=0.2, augment=None, guidance=None):
-    """L_G for one batch (eq. 14 with eqs. 17, 20). D's parameters must be frozen by the caller. Gradient
-    normalization sits only on the fake path into D; the OT term sees the un-augmented G output.
+    """L_G for one batch (eq. 14 with eqs. 17, 20, 33-34). D's parameters must be frozen by the caller. The
+    real/fake pair is augmented first; then the gradient normalization sits on the augmented fake's way into
+    D, so phi measures the gradient D actually sends back (a cutout or a shift past the border drops part of
+    it). The OT term and the guidance see the un-augmented G output.
     guidance: an optional callable (fake, y, t) -> loss already scaled by lambda_cg.
 
     D sees real and fake in two calls, the real one under no_grad. One call on [real, fake] would give the
@@ -142,12 +146,10 @@ def generator_objective(G, D, gradnorm, x, y, nfe=1, pred="x", ot_scale=0.2, aug
     and no stored activations for the real half."""
     x_src, real, s, t, w = make_pairs(x, nfe)
     fake = predict(G, x_src, y, s, t, pred)
-    fake_for_d = gradnorm(fake)
-    if augment is not None:
-        real, fake_for_d = augment(real, fake_for_d)
+    real_for_d, fake_for_d = augment(real, fake) if augment is not None else (real, fake)  # rho (eq. 33)
     with torch.no_grad():
-        logits_real = D(real, y, t).float()
-    logits_fake = D(fake_for_d, y, t).float()
+        logits_real = D(real_for_d, y, t).float()
+    logits_fake = D(gradnorm(fake_for_d), y, t).float()  # D(phi(rho(G(z)))) (eq. 34)
     adv = relativistic_loss(logits_fake, logits_real)
     ot = ot_loss(fake.float(), x_src.float(), w)
     loss = adv + ot_scale * ot
