@@ -413,7 +413,8 @@ def training_state(nets, args, step, loader, world_size, network_kwargs, extra):
     state = {"step": step, "config": vars(args), "generator_kwargs": generator_kwargs,
              "discriminator_kwargs": discriminator_kwargs,
              "G": nets.G.state_dict(), "ema": nets.ema.state_dict(), "D": nets.D.state_dict(),
-             "gradnorm": nets.gradnorm.state_dict(), "opt_g": nets.opt_g.state_dict(),
+             "gradnorm": nets.gradnorm.state_dict(), "prior": nets.noise_prior.state_dict(),
+             "opt_g": nets.opt_g.state_dict(),
              "opt_d": nets.opt_d.state_dict(), "data": loader.state_dict(),
              "rng": gather_rng_states(world_size)}
     return {**state, **extra}

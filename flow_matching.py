@@ -8,6 +8,7 @@ The objective is rectified flow (Liu et al. 2022; Lipman et al. 2022) in the pap
 data and t = 1 noise (eq. 15's linear interpolation):
 
     x_t  = (1 - t) x + t z,        z ~ N(0, I),  t = sigmoid(n), n ~ N(0, 1)   (logit-normal, SD3's)
+                                   (or z from the data-fitted prior of prior.py, with --prior data)
     loss = E || G(x_t, y, t) - (z - x) ||^2 / n                                 (G predicts dx_t/dt)
 
 and K-step sampling integrates dx/dt = G from t = 1 to 0 with Euler steps on linspace(1, 0, K + 1), which is
@@ -30,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
 import data
+import prior
 import quality
 import train
 import vae
@@ -41,9 +43,10 @@ from train import due, ema_decay_at, update_ema
 # 1. The objective
 
 
-def flow_matching_loss(G, x, y):
-    """x: (N, C, H, W) data, y: (N,) labels -> the mean squared velocity error (a 0-d tensor)."""
-    z = torch.randn_like(x)                                   # (N, C, H, W) noise
+def flow_matching_loss(G, x, y, noise_prior=None):
+    """x: (N, C, H, W) data, y: (N,) labels -> the mean squared velocity error (a 0-d tensor). noise_prior:
+    the run's prior.GaussianPrior (None: N(0, I))."""
+    z = torch.randn_like(x) if noise_prior is None else noise_prior.noise_like(x)  # (N, C, H, W) noise
     t = torch.sigmoid(torch.randn(x.shape[0], device=x.device))  # (N,) logit-normal times in (0, 1)
     t_ = t.view(-1, 1, 1, 1)
     x_t = (1 - t_) * x + t_ * z                               # the point at time t on the straight path
@@ -85,7 +88,7 @@ def preset(name, row):
 
 PRESETS = {name: preset(name, row) for name, row in train.PRESETS.items()}
 
-FIXED_ON_RESUME = ("data", "image_size", "model", "batch_size", "seed")
+FIXED_ON_RESUME = ("data", "image_size", "model", "batch_size", "seed", "prior")
 
 
 def per_source(name, otherwise=""):
@@ -111,6 +114,7 @@ def parse_args(argv=None):
     add("--ema-warmup", type=int, help="as train.py's (default: 10; imagenet 0)")
     add("--flip", action=argparse.BooleanOptionalAction, help="as train.py's")
     add("--grad-clip", type=float, help="max gradient norm (default: 1)")
+    add("--prior", choices=["standard", "data"], default="standard", help="as train.py's --prior")
     add("--max-steps", type=int, help="(default: 100,000; imagenet 1,000,000)")
     add("--max-minutes", type=float, help="also stop after this many minutes of training (judging not "
                                           "counted)")
@@ -163,10 +167,11 @@ def validate(args, world_size):
 # 3. The loop
 
 
-def run_state(step, args, G, ema, opt, loader, world_size, generator_kwargs, clock):
+def run_state(step, args, G, ema, noise_prior, opt, loader, world_size, generator_kwargs, clock):
     """What fm/ckpt.pt holds: enough to continue bitwise exactly, and what sample.py and quality.py read."""
     return {"objective": "flow matching", "step": step, "config": vars(args),
             "generator_kwargs": generator_kwargs, "G": G.state_dict(), "ema": ema.state_dict(),
+            "prior": noise_prior.state_dict(),
             "opt": opt.state_dict(), "data": loader.state_dict(),
             "rng": checkpoint.gather_rng_states(world_size), "train_seconds": clock.seconds()}
 
@@ -184,12 +189,12 @@ def restore(state, G, ema, opt, loader, rank, world_size, args):
         checkpoint.set_rng_state(state["rng"][rank])
 
 
-def judge_all(judge, ema, args, step, clock, log):
+def judge_all(judge, ema, noise_prior, args, step, clock, log):
     """One judgement per --judge-nfe step count, a log line each (train.py's judge_* names, plus nfe)."""
     minutes = clock.seconds() / 60
     with clock.paused():
         for nfe in args.judge_nfe:
-            result = judge(ema, nfe=nfe, pred="v")
+            result = judge(ema, nfe=nfe, pred="v", prior=noise_prior)
             log(dict(step=step, minutes=minutes, nfe=nfe, **{f"judge_{k}": v for k, v in result.items()}),
                 f"nfe {nfe}: " + quality.describe(result, judge.real_accuracy))
 
@@ -216,6 +221,7 @@ def train_flow_matching(args):
     opt = torch.optim.AdamW(G.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay,
                             fused=device.type in ("cuda", "cpu"))
     G_train = DDP(G, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else G
+    noise_prior = prior.for_run(args.prior, source, args.seed, resume_state).to(device)
     torch.manual_seed(args.seed * 1000 + rank + 1)  # then each rank draws its own noise
     if resume_state is not None:
         restore(resume_state, G, ema, opt, source.loader, rank, world_size, args)
@@ -238,11 +244,11 @@ def train_flow_matching(args):
     bad_steps, last_saved_step = 0, step if resume_state is not None else None
     try:
         if judge is not None and step == 0:
-            judge_all(judge, ema, args, step, clock, log)
+            judge_all(judge, ema, noise_prior, args, step, clock, log)
         while step < args.max_steps:
             x, y = source.next_batch()
             with autocast():
-                loss = flow_matching_loss(G_train, x, y)
+                loss = flow_matching_loss(G_train, x, y, noise_prior)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(G.parameters(), args.grad_clip)
@@ -265,11 +271,12 @@ def train_flow_matching(args):
                 stop.requested = True
             stopping = stop.agreed(device, world_size)
             if rank == 0 and due(step, args.sample_every, last or stopping):
-                train.write_progress_grid(ema, args, source, step, device)
+                train.write_progress_grid(ema, noise_prior, args, source, step, device)
             if judge is not None and due(step, args.judge_every, last or stopping):
-                judge_all(judge, ema, args, step, clock, log)
+                judge_all(judge, ema, noise_prior, args, step, clock, log)
             if due(step, args.ckpt_every, last or stopping) and bad_steps == 0:
-                state = run_state(step, args, G, ema, opt, source.loader, world_size, generator_kwargs, clock)
+                state = run_state(step, args, G, ema, noise_prior, opt, source.loader, world_size,
+                                  generator_kwargs, clock)
                 if rank == 0 and checkpoint.save_training_state(state, [G, ema], args.out_dir,
                                                                 args.keep):
                     last_saved_step = step

@@ -97,22 +97,24 @@ def classifier_guidance_loss(classifier, fake, y, t_lo, t_hi):
 # The two objectives
 
 
-def make_pairs(x, nfe):
-    """From a data batch x, the generator's input x_s and the matching real sample x_t (independent noises).
-    Returns x_src, real, s, t, w. For 1-NFE this is x_src = z, real = x."""
+def make_pairs(x, nfe, prior=None):
+    """From a data batch x, the generator's input x_s and the matching real sample x_t (independent noises,
+    drawn from prior.py's prior; None: N(0, I)). Returns x_src, real, s, t, w. For 1-NFE this is x_src = z,
+    real = x."""
+    noise_like = torch.randn_like if prior is None else prior.noise_like
     s, t = sample_times(x.shape[0], nfe, x.device)
-    x_src = interpolate(x, torch.randn_like(x), s)
-    real = interpolate(x, torch.randn_like(x), t)
+    x_src = interpolate(x, noise_like(x), s)
+    real = interpolate(x, noise_like(x), t)
     return x_src, real, s, t, time_weight(s, t)
 
 
 def discriminator_objective(G, D, x, y, nfe=1, pred="x", gp_scale=0.25, cp_scale=0.01, gp_eps=0.01,
-                            gp_ratio=0.25, augment=None):
+                            gp_ratio=0.25, augment=None, prior=None):
     """L_D for one batch (eq. 13 with eqs. 16-19). G runs under no_grad. D runs once, on
     [real, fake, real[:k] + eps n1, fake[:k] + eps n2] with k = max(1, round(gp_ratio B)).
     Returns the loss and a dict of detached metrics."""
     with torch.no_grad():
-        x_src, real, s, t, w = make_pairs(x, nfe)
+        x_src, real, s, t, w = make_pairs(x, nfe, prior)
         fake = predict(G, x_src, y, s, t, pred)
     if augment is not None:
         real, fake = augment(real, fake)
@@ -133,7 +135,8 @@ def discriminator_objective(G, D, x, y, nfe=1, pred="x", gp_scale=0.25, cp_scale
     return loss, {name: value.detach() for name, value in metrics.items()}
 
 
-def generator_objective(G, D, gradnorm, x, y, nfe=1, pred="x", ot_scale=0.2, augment=None, guidance=None):
+def generator_objective(G, D, gradnorm, x, y, nfe=1, pred="x", ot_scale=0.2, augment=None, guidance=None,
+                        prior=None):
     """L_G for one batch (eq. 14 with eqs. 17, 20, 33-34). D's parameters must be frozen by the caller. The
     real/fake pair is augmented first; then the gradient normalization sits on the augmented fake's way into
     D, so phi measures the gradient D actually sends back (a cutout or a shift past the border drops part of
@@ -144,7 +147,7 @@ def generator_objective(G, D, gradnorm, x, y, nfe=1, pred="x", ot_scale=0.2, aug
     same logits (D has no batch statistics), but its backward would carry gradients through D for the real
     half too, only to drop them: 3 instead of 4 D passes over B samples,
     and no stored activations for the real half."""
-    x_src, real, s, t, w = make_pairs(x, nfe)
+    x_src, real, s, t, w = make_pairs(x, nfe, prior)
     fake = predict(G, x_src, y, s, t, pred)
     real_for_d, fake_for_d = augment(real, fake) if augment is not None else (real, fake)  # rho (eq. 33)
     with torch.no_grad():

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 import checkpoint
 import data
 import fid
+import prior
 import runtime
 from model import Generator
 from sample import SampleError, sample, sampling_steps
@@ -220,11 +221,13 @@ class SampleJudge:
         self.pr_features = state.get("pr_features")  # (n, 128); absent from judge files of older versions
 
     @torch.no_grad()
-    def __call__(self, generator, nfe=1, pred="x", batch_size=250):
+    def __call__(self, generator, nfe=1, pred="x", prior=None, batch_size=250):
         """-> dict(accuracy, accuracy_ratio, fd, fd_ratio, precision, recall) of the generator's samples
-        (precision and recall where the judge file holds real features)."""
+        (precision and recall where the judge file holds real features). prior: the run's noise (prior.py),
+        through which the fixed standard normals pass; None: N(0, I)."""
         device = next(generator.parameters()).device
-        images = torch.cat([sample(generator, self.noise[i:i + batch_size].to(device),
+        source = (lambda eps: eps) if prior is None else prior.to(device)
+        images = torch.cat([sample(generator, source(self.noise[i:i + batch_size].to(device)),
                                    self.labels[i:i + batch_size].to(device),
                                    nfe, pred).float().cpu().clamp(-1, 1)
                             for i in range(0, len(self.noise), batch_size)])
@@ -258,6 +261,7 @@ def judge_checkpoint(judge_path, ckpt_path, num_samples, step_counts=None):
     run = checkpoint.load(ckpt_path)
     generator = Generator(**run["generator_kwargs"])
     checkpoint.load_weights(generator, run["ema"], what=f"{ckpt_path} [ema]")
+    noise_prior = prior.from_state(run.get("prior"))
     shape = (generator.in_channels, generator.input_size, generator.input_size)
     sample_judge = SampleJudge(judge, state, shape, num_samples)
     if "pr_ceiling" in state:
@@ -265,7 +269,7 @@ def judge_checkpoint(judge_path, ckpt_path, num_samples, step_counts=None):
         print(f"real held-out images against others: precision {precision:.3f}, recall {recall:.3f}")
     for requested in step_counts or [None]:
         nfe = sampling_steps(run, requested, ckpt_path)
-        result = sample_judge(generator.eval(), nfe, run["config"]["pred"])
+        result = sample_judge(generator.eval(), nfe, run["config"]["pred"], noise_prior)
         print(f"nfe {nfe}: " + describe(result, state["real_accuracy"]))
 
 

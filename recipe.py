@@ -210,9 +210,10 @@ def start(nets, args):
 
 
 @torch.no_grad()
-def in_loop_fid(ema, args, inception, reference, decode, device, rank, world_size):
+def in_loop_fid(ema, prior, args, inception, reference, decode, device, rank, world_size):
     """FID of --fid-samples class-balanced EMA samples against --fid-ref. Sample i always gets the noise of
-    (seed, i), so successive evaluations compare like with like; the ranks split the samples and sum their
+    (seed, i), through the run's prior, so successive evaluations compare like with like; the ranks split the
+    samples and sum their
     feature statistics. A rough in-training estimate: report final numbers from 50k samples (README)."""
     stats = fid.FeatureStatistics(device=device)
     indices = np.arange(rank, args.fid_samples, world_size)
@@ -220,7 +221,7 @@ def in_loop_fid(ema, args, inception, reference, decode, device, rank, world_siz
     for start_index in range(0, len(indices), args.batch_size // world_size):
         batch = indices[start_index:start_index + args.batch_size // world_size]
         labels = torch.from_numpy(batch % ema.num_classes)
-        images = sample_images(ema, decode, batch, labels, args.seed, nfe, args.pred, device)  # uint8 NHWC
+        images = sample_images(ema, decode, batch, labels, args.seed, nfe, args.pred, device, prior)  # uint8
         stats.update(inception(images.to(device).permute(0, 3, 1, 2)))
     if world_size > 1:
         count = torch.tensor(float(stats.count), dtype=torch.float64, device=stats.sum.device)
@@ -288,8 +289,8 @@ class Recipe:
             self.judge_samples(step)
         if args.fid_every and (step % args.fid_every == 0 or last):
             with self.clock.paused():
-                value = in_loop_fid(self.nets.ema, args, self.inception, self.reference, self.decode,
-                                    self.device, self.rank, self.world_size)
+                value = in_loop_fid(self.nets.ema, self.nets.noise_prior, args, self.inception,
+                                    self.reference, self.decode, self.device, self.rank, self.world_size)
             self.log(dict(step=step, fid=value, fid_samples=args.fid_samples))
             self.track_best(step, value)
 
@@ -297,7 +298,7 @@ class Recipe:
         minutes = self.clock.seconds() / 60
         with self.clock.paused():
             nfe = 8 if self.args.nfe == "any" else self.args.nfe
-            result = self.judge(self.nets.ema, nfe=nfe, pred=self.args.pred)
+            result = self.judge(self.nets.ema, nfe=nfe, pred=self.args.pred, prior=self.nets.noise_prior)
         diversity = f", precision {result['precision']:.2f}, recall {result['recall']:.2f}" \
             if "recall" in result else ""
         self.log(dict(step=step, minutes=minutes, **{f"judge_{k}": v for k, v in result.items()}),

@@ -26,6 +26,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import checkpoint
+import prior
 import runtime
 import vae
 from model import MODELS, Generator
@@ -71,13 +72,15 @@ def sampling_steps(run, requested, what):
 
 
 def load_generator(args):
-    """-> (generator in eval mode on CPU, nfe, pred). Ours or the authors' file, checked against --nfe."""
+    """-> (generator in eval mode on CPU, nfe, pred, prior). Ours or the authors' file, checked against --nfe.
+    The prior is the flow's noise the run trained with (prior.py); the authors' generators use N(0, I)."""
     state = checkpoint.load(args.ckpt)
     if isinstance(state, dict) and "generator_kwargs" in state:  # a ckpt.pt of train.py or flow_matching.py
         generator = Generator(**state["generator_kwargs"])
         checkpoint.load_weights(generator, state[args.weights], what=f"{args.ckpt} [{args.weights}]")
         nfe = sampling_steps(state, args.nfe, args.ckpt)
-        return generator.eval(), nfe, args.pred or state["config"]["pred"]
+        pred = args.pred or state["config"]["pred"]
+        return generator.eval(), nfe, pred, prior.from_state(state.get("prior"))
 
     # The authors' release: a bare state dict. Its keys say which time inputs the generator has.
     if args.model not in MODELS:
@@ -96,7 +99,7 @@ def load_generator(args):
     generator = Generator(use_t_src=has_t_src, use_t_tgt=has_t_tgt, repeat=args.repeat, input_size=32,
                           in_channels=4, num_classes=num_classes, **MODELS[args.model])
     checkpoint.load_weights(generator, state, what=args.ckpt)
-    return generator.eval(), nfe, args.pred or ("v" if has_t_src else "x")
+    return generator.eval(), nfe, args.pred or ("v" if has_t_src else "x"), prior.GaussianPrior()
 
 
 def grid_labels(num_classes, per_class=8, max_classes=10):
@@ -135,11 +138,14 @@ def make_decoder(generator, vae_path, device):
     return lambda z: autoencoder.decode(z / vae.SCALING_FACTOR)
 
 
-def sample_images(generator, decode, indices, labels, seed, nfe, pred, device):
-    """uint8 images for the given global sample indices: the noise of sample i is seeded by (seed, i)."""
+def sample_images(generator, decode, indices, labels, seed, nfe, pred, device, prior=None):
+    """uint8 images for the given global sample indices: the noise of sample i is seeded by (seed, i), then
+    mapped through the run's prior (prior.py; None: N(0, I))."""
     shape = (generator.in_channels, generator.input_size, generator.input_size)
     streams = [torch.Generator().manual_seed(seed * 1_000_003 + int(i)) for i in indices]
     noise = torch.stack([torch.randn(shape, generator=stream) for stream in streams]).to(device)
+    if prior is not None:
+        noise = prior.to(device)(noise)
     x = sample(generator, noise, labels.to(device), nfe=nfe, pred=pred)
     return to_uint8(decode(x))
 
@@ -173,7 +179,7 @@ def write_npz(path, parts, labels, order, batch_size, world_size):
     os.replace(tmp_path, path)
 
 
-def sample_npz(args, generator, decode, nfe, pred, device, rank, world_size):
+def sample_npz(args, generator, decode, nfe, pred, device, rank, world_size, noise_prior):
     N, num_classes, B = args.num_samples, generator.num_classes, args.batch_size
     labels = np.arange(N) % num_classes  # class-balanced: N / num_classes per class
     batches = list(range(rank, (N + B - 1) // B, world_size))
@@ -183,7 +189,7 @@ def sample_npz(args, generator, decode, nfe, pred, device, rank, world_size):
     for k, batch in enumerate(tqdm(batches, disable=rank != 0, desc="sampling")):
         indices = np.arange(batch * B, min((batch + 1) * B, N))
         images = sample_images(generator, decode, indices, torch.from_numpy(labels[indices]), args.seed, nfe,
-                               pred, device)
+                               pred, device, noise_prior)
         part[k * B:k * B + len(indices)] = images.numpy()
     part.flush()
     del part
@@ -201,7 +207,7 @@ def sample_npz(args, generator, decode, nfe, pred, device, rank, world_size):
         torch.distributed.barrier()
 
 
-def sample_grid(args, generator, decode, nfe, pred, device):
+def sample_grid(args, generator, decode, nfe, pred, device, noise_prior):
     if args.labels:
         try:
             labels = [int(c) for c in args.labels.split(",")]
@@ -215,7 +221,7 @@ def sample_grid(args, generator, decode, nfe, pred, device):
         raise SampleError(f"--labels {bad[0]} is out of range: this generator has classes "
                           f"0..{generator.num_classes - 1}")
     images = sample_images(generator, decode, np.arange(len(labels)), torch.tensor(labels), args.seed, nfe,
-                           pred, device)
+                           pred, device, noise_prior)
     write_grid(images, args.out, nrow=min(len(labels), 8))
     print(f"wrote {len(labels)} samples to {args.out}")
 
@@ -260,15 +266,15 @@ def run(args):
     rank, world_size, device = runtime.setup_distributed(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # the paper's precision
-    generator, nfe, pred = load_generator(args)
+    generator, nfe, pred, noise_prior = load_generator(args)
     generator.to(device)
     decode = make_decoder(generator, args.vae, device)
     if args.npz:
         if not args.num_samples or args.num_samples <= 0:
             raise SampleError("--npz needs --num-samples N > 0")
-        sample_npz(args, generator, decode, nfe, pred, device, rank, world_size)
+        sample_npz(args, generator, decode, nfe, pred, device, rank, world_size, noise_prior)
     else:
-        sample_grid(args, generator, decode, nfe, pred, device)
+        sample_grid(args, generator, decode, nfe, pred, device, noise_prior)
 
 
 if __name__ == "__main__":

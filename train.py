@@ -28,7 +28,7 @@ import math
 import os
 import random
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ import classifier
 import data
 import fid
 import losses
+import prior
 import recipe
 import vae
 from gradnorm import GradientNormalization
@@ -117,13 +118,13 @@ def paper_defaults(nfe, repeat):
     multi_step = nfe != 1
     return dict(pred="v" if multi_step else "x", ot_start=0.25 if multi_step else 0.2, ot_end=0.005,
                 gp_scale=0.25, grad_clip=5.0 if multi_step or repeat > 1 else 50.0, ema_warmup=0, flip=True,
-                **recipe.defaults(nfe))
+                prior="standard", **recipe.defaults(nfe))
 
 
 # What the weights, the data position or the random streams depend on: a resumed run cannot change these.
 # Every other flag given with --resume takes effect (learning rates, schedules, guidance, logging, ...).
 FIXED_ON_RESUME = ("data", "image_size", "model", "nfe", "pred", "repeat", "batch_size", "seed", "phase",
-                   "init_from", "d_reload")
+                   "init_from", "d_reload", "prior")
 
 
 # The --num-workers default of the rows that set none (data.default_workers), for --help.
@@ -178,6 +179,8 @@ def parse_args(argv=None):
         "images (default: on for cifar10 and imagenet; off for mnist and fashion-mnist, whose mirrored "
         "digits and shoes are not in the data, and for folder, which may hold digits or text: --flip for "
         "photos)")
+    add("--prior", choices=["standard", "data"], help="the flow's noise: N(0, I) as in the paper, or a "
+        "Gaussian with the training data's mean and covariance (prior.py) " + per_source("prior", "standard"))
     add("--grad-clip", type=float, help="max gradient norm (default 50 for 1-NFE, 5 for multi-step and deep "
         "generators, as the authors' configs)")
     add("--ot-start", type=float,
@@ -246,6 +249,9 @@ def validate(args, world_size):
         raise ArgumentError(f"--nfe must be a positive integer or 'any', got {args.nfe}")
     if args.repeat < 1 or (args.repeat > 1 and args.nfe != 1):
         raise ArgumentError("--repeat needs a 1-NFE generator (--nfe 1) and must be >= 1")
+    if args.prior == "data" and args.cg_scale > 0:
+        raise ArgumentError("--prior data with classifier guidance is not supported: classifier.py trains "
+                            "its classifier on N(0, I) noise")
     recipe.validate(args)
 
 
@@ -267,6 +273,7 @@ class Nets:
     D_train: object      # D for the D update: DDP(D) under torchrun
     D_frozen: object     # D with frozen parameters in the G update: no gradient sync
     d_params: list       # D's trainable parameters, frozen in the G update (the fixed pos_embed is not one)
+    noise_prior: prior.GaussianPrior = field(default_factory=prior.GaussianPrior)  # --prior: the flow's noise
 
 
 def network_kwargs(args, in_channels, input_size, num_classes):
@@ -326,7 +333,8 @@ def d_update(nets, args, x, y, autocast, augment=None):
     with autocast():
         loss, metrics = losses.discriminator_objective(
             nets.G_frozen, nets.D_train, x, y, nfe=args.nfe, pred=args.pred, gp_scale=args.gp_scale,
-            cp_scale=args.cp_scale, gp_eps=args.gp_eps, gp_ratio=args.gp_ratio, augment=augment)
+            cp_scale=args.cp_scale, gp_eps=args.gp_eps, gp_ratio=args.gp_ratio, augment=augment,
+            prior=nets.noise_prior)
     nets.opt_d.zero_grad(set_to_none=True)
     loss.backward()
     metrics["d_grad_norm"] = torch.nn.utils.clip_grad_norm_(nets.D.parameters(), args.grad_clip).detach()
@@ -346,7 +354,7 @@ def g_update(nets, args, x, y, ot_scale, autocast, augment=None, guidance=None, 
         with autocast():
             loss, metrics = losses.generator_objective(
                 nets.G_train, nets.D_frozen, nets.gradnorm, x, y, nfe=args.nfe, pred=args.pred,
-                ot_scale=ot_scale, augment=augment, guidance=guidance)
+                ot_scale=ot_scale, augment=augment, guidance=guidance, prior=nets.noise_prior)
         nets.opt_g.zero_grad(set_to_none=True)
         loss.backward()
     finally:
@@ -404,14 +412,14 @@ def resumed_args(args, given):
     return resumed, state
 
 
-def write_progress_grid(ema, args, source, step, device):
+def write_progress_grid(ema, noise_prior, args, source, step, device):
     """An EMA sample grid, a row of 8 per class, with the noise of sample indices 0, 1, ... (the same at every
     step)."""
     if source.in_channels == 4 and source.autoencoder is None:
         return  # latents without --vae cannot be decoded
     labels = grid_labels(ema.num_classes)
     images = sample_images(ema, source.decode, np.arange(len(labels)), labels, args.seed,
-                           8 if args.nfe == "any" else args.nfe, args.pred, device)
+                           8 if args.nfe == "any" else args.nfe, args.pred, device, noise_prior)
     write_grid(images, os.path.join(args.out_dir, f"samples_{step:08d}.png"), nrow=8)
 
 
@@ -426,6 +434,7 @@ def start(args, rank, world_size, device, resume_state):
     kwargs = network_kwargs(args, source.in_channels, source.input_size, source.num_classes)
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     nets = build_nets(args, *kwargs, device, distributed=world_size > 1)
+    nets.noise_prior = prior.for_run(args.prior, source, args.seed, resume_state).to(device)
     torch.manual_seed(args.seed * 1000 + rank + 1)  # then each rank draws its own noise
     if resume_state is not None:
         checkpoint.restore(nets, resume_state, source.loader, rank, world_size, args)
@@ -490,7 +499,7 @@ def train(args):
                 stop.requested = True  # like a signal: every rank stops at this step, after a checkpoint
             stopping = stop.agreed(device, world_size)
             if rank == 0 and due(step, args.sample_every, last or stopping):
-                write_progress_grid(nets.ema, args, source, step, device)
+                write_progress_grid(nets.ema, nets.noise_prior, args, source, step, device)
             extras.after_step(step, last, stopping)
             # never over the last good checkpoint while steps are being skipped
             if due(step, args.ckpt_every, last or stopping) and bad_steps == 0:

@@ -1,4 +1,5 @@
-"""Shared fixtures for the core tests: the authors' reference vectors (tests/data/afm_reference.pt)."""
+"""Shared fixtures: the authors' reference vectors (tests/data/afm_reference.pt), a CIFAR-10-format archive of
+synthetic images, one intra-op thread."""
 
 import sys
 from pathlib import Path
@@ -13,7 +14,9 @@ if str(ROOT) not in sys.path:
 
 DATA = Path(__file__).resolve().parent / "data"
 
+import data  # noqa: E402
 import model  # noqa: E402
+from synthetic import make_images, write_cifar_archive  # noqa: E402
 
 # Fixture case name -> the class its state dict belongs to (tests/data/README.md).
 CASE_CLASS = {
@@ -49,6 +52,22 @@ def load_case(afm_ref, dit_config):
         return net.eval()
 
     return build
+
+
+@pytest.fixture(scope="session")
+def cifar_dir(tmp_path_factory):
+    """A CIFAR-10 python archive of 80 synthetic disc images (tests/synthetic.py), and its MD5."""
+    root = tmp_path_factory.mktemp("cifar")
+    images, labels = make_images(per_class=8)
+    return root, write_cifar_archive(root / "cifar-10-python.tar.gz", images, labels)
+
+
+@pytest.fixture
+def cifar(cifar_dir, monkeypatch):
+    """The archive's folder, with the loader set to accept its MD5."""
+    root, md5 = cifar_dir
+    monkeypatch.setattr(data, "CIFAR10_MD5", md5)
+    return str(root)
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,9 @@ import pytest
 import torch
 
 import checkpoint
-import data
 import flow_matching
 import quality
 from sample import sample
-from synthetic import make_images, write_cifar_archive
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -103,21 +101,6 @@ def test_euler_sampling_of_the_exact_field_reaches_the_datas_mean_and_variance()
 
 # ------------------------------------------------------------------------------------------------------------
 # The command line
-
-
-@pytest.fixture(scope="module")
-def cifar_dir(tmp_path_factory):
-    """A CIFAR-10 archive of synthetic discs, and its MD5 for the loader to accept."""
-    root = tmp_path_factory.mktemp("cifar")
-    images, labels = make_images(per_class=8)
-    return root, write_cifar_archive(root / "cifar-10-python.tar.gz", images, labels)
-
-
-@pytest.fixture
-def cifar(cifar_dir, monkeypatch):
-    root, md5 = cifar_dir
-    monkeypatch.setattr(data, "CIFAR10_MD5", md5)
-    return str(root)
 
 
 def fm_run(cifar, out_dir, *extra):

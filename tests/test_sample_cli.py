@@ -229,11 +229,11 @@ def test_any_step_checkpoint_takes_any_positive_step_count(ckpts):
     d, _ = ckpts
     args = argparse.Namespace(ckpt=str(d / "any.pt"), weights="ema", nfe=None, pred=None, model="XL/2",
                               repeat=1)
-    generator, nfe, pred = sample_mod.load_generator(args)
+    generator, nfe, pred, _ = sample_mod.load_generator(args)
     assert (nfe, pred) == (8, "v") and generator.use_t_src and generator.use_t_tgt
     for k in (1, 3):
         args.nfe = k
-        assert sample_mod.load_generator(args)[1:] == (k, "v")
+        assert sample_mod.load_generator(args)[1:3] == (k, "v")
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -366,9 +366,10 @@ def test_npz_rank_with_no_batches(ckpts, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.distributed, "barrier", lambda *a, **k: None)
     args = argparse.Namespace(ckpt=str(ckpts[0] / "one.pt"), weights="ema", nfe=None, pred=None, model="XL/2",
                               repeat=1, npz=str(tmp_path / "s.npz"), num_samples=5, batch_size=6, seed=3)
-    generator, nfe, pred = sample_mod.load_generator(args)
+    generator, nfe, pred, noise_prior = sample_mod.load_generator(args)
     for rank in (1, 0):
-        sample_mod.sample_npz(args, generator, lambda x: x, nfe, pred, torch.device("cpu"), rank, 2)
+        sample_mod.sample_npz(args, generator, lambda x: x, nfe, pred, torch.device("cpu"), rank, 2,
+                              noise_prior)
     assert sorted(os.listdir(tmp_path)) == ["s.npz"]
     with np.load(tmp_path / "s.npz") as f:
         arr, labels = f["arr_0"], f["labels"]
@@ -408,7 +409,7 @@ def same_outputs(a, b, **forward_kwargs):
 
 def test_bare_one_step_file(tmp_path, tiny_model):
     ref = bare_file(tmp_path / "g.pth")
-    generator, nfe, pred = sample_mod.load_generator(bare_args(tmp_path / "g.pth", tiny_model))
+    generator, nfe, pred, _ = sample_mod.load_generator(bare_args(tmp_path / "g.pth", tiny_model))
     assert (nfe, pred) == (1, "x")
     assert not generator.use_t_src and not generator.use_t_tgt and generator.repeat == 1
     assert generator.num_classes == 7 and generator.in_channels == 4 and generator.input_size == 32
@@ -419,7 +420,7 @@ def test_bare_one_step_file(tmp_path, tiny_model):
 
 def test_bare_multi_step_file(tmp_path, tiny_model):
     ref = bare_file(tmp_path / "g.pth", use_t_src=True)
-    generator, nfe, pred = sample_mod.load_generator(bare_args(tmp_path / "g.pth", tiny_model, nfe=2))
+    generator, nfe, pred, _ = sample_mod.load_generator(bare_args(tmp_path / "g.pth", tiny_model, nfe=2))
     assert (nfe, pred) == (2, "v")
     assert generator.use_t_src and not generator.use_t_tgt and generator.repeat == 1
     s = torch.full((2,), 0.5)
@@ -430,7 +431,7 @@ def test_bare_multi_step_file(tmp_path, tiny_model):
 
 def test_bare_any_step_file(tmp_path, tiny_model):
     ref = bare_file(tmp_path / "g.pth", use_t_src=True, use_t_tgt=True)
-    generator, nfe, pred = sample_mod.load_generator(bare_args(tmp_path / "g.pth", tiny_model, nfe=4))
+    generator, nfe, pred, _ = sample_mod.load_generator(bare_args(tmp_path / "g.pth", tiny_model, nfe=4))
     assert (nfe, pred) == (4, "v")
     assert generator.use_t_src and generator.use_t_tgt
     s, t = torch.full((2,), 0.75), torch.full((2,), 0.5)
@@ -441,13 +442,13 @@ def test_bare_any_step_file_samples_in_one_step(tmp_path, tiny_model):
     """Any step count, one included, as for our own any-step ckpt.pt; still the residual (v) form it was
     trained in."""
     bare_file(tmp_path / "g.pth", use_t_src=True, use_t_tgt=True)
-    generator, nfe, pred = sample_mod.load_generator(bare_args(tmp_path / "g.pth", tiny_model, nfe=1))
+    generator, nfe, pred, _ = sample_mod.load_generator(bare_args(tmp_path / "g.pth", tiny_model, nfe=1))
     assert (nfe, pred) == (1, "v")
 
 
 def test_bare_deep_file(tmp_path, tiny_model):
     ref = bare_file(tmp_path / "g.pth", repeat=2)
-    generator, nfe, pred = sample_mod.load_generator(bare_args(tmp_path / "g.pth", tiny_model, repeat=2))
+    generator, nfe, pred, _ = sample_mod.load_generator(bare_args(tmp_path / "g.pth", tiny_model, repeat=2))
     assert (nfe, pred) == (1, "x")
     assert generator.repeat == 2 and not generator.use_t_src and not generator.use_t_tgt
     assert same_outputs(generator, ref)

@@ -3,8 +3,8 @@
 A loss can agree while its gradient does not: phi (gradnorm.py) is the identity in the forward pass, and the
 paired augmentation rho drops part of D's input gradient (cutouts, shifts past the border). So each test
 starts both implementations from the same weights and the same random stream, records the gradients that
-reach the optimizer (after clipping, just before AdamW steps) at each of three updates, and compares them, with
-the normalizer's running statistic, at 1 and 2 NFE, with the augmentation off and on.
+reach the optimizer (after clipping, just before AdamW steps) at each of three updates, and compares them,
+with the normalizer's running statistic, at 1 and 2 NFE, with the augmentation off and on.
 """
 
 import pytest
@@ -44,7 +44,7 @@ def twin_nets(nfe):
     ours = train.build_nets(args, *kwargs, torch.device("cpu"), distributed=False)
     theirs = authors_step.build_nets(args, *kwargs, torch.device("cpu"))
     torch.manual_seed(7)
-    with torch.no_grad():  # the output layers and adaLN start at zero: give them weights, so every path counts
+    with torch.no_grad():  # output layers and adaLN start at zero: give them weights, so every path counts
         for p in (*ours.G.parameters(), *ours.D.parameters()):
             if p.requires_grad and not p.any():
                 p.normal_(0, 0.02)
@@ -131,8 +131,8 @@ def test_augmentation_changes_what_the_normalizer_measures():
         fake = G(torch.randn_like(x), y, torch.ones(8), torch.zeros(8))
         real_aug, fake_aug = rho(x, fake if order == "paper" else gradnorm(fake))
         fake_in = gradnorm(fake_aug) if order == "paper" else fake_aug
-        loss = torch.nn.functional.softplus(ours.D(real_aug, y, torch.zeros(8)) - ours.D(fake_in, y,
-                                                                                        torch.zeros(8))).mean()
+        t = torch.zeros(8)
+        loss = torch.nn.functional.softplus(ours.D(real_aug, y, t) - ours.D(fake_in, y, t)).mean()
         params = [p for p in G.parameters() if p.requires_grad]
         grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
         results.append((grads, gradnorm.square_avg.item()))

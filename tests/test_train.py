@@ -14,28 +14,11 @@ import torch
 from PIL import Image
 
 import checkpoint
-import data
 import train
-from synthetic import make_images, write_cifar_archive
+from synthetic import make_images
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--model", "T/4", "--batch-size", "8", "--num-workers", "0", "--log-every", "2"]
-
-
-@pytest.fixture(scope="module")
-def cifar_dir(tmp_path_factory):
-    """A CIFAR-10 python archive of the synthetic disc images, and its MD5 for the loader to accept."""
-    root = tmp_path_factory.mktemp("cifar")
-    images, labels = make_images(per_class=8)
-    md5 = write_cifar_archive(root / "cifar-10-python.tar.gz", images, labels)
-    return root, md5
-
-
-@pytest.fixture
-def cifar(cifar_dir, monkeypatch):
-    root, md5 = cifar_dir
-    monkeypatch.setattr(data, "CIFAR10_MD5", md5)
-    return str(root)
 
 
 def png_folder(root, per_class=4, size=32):

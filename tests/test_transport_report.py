@@ -68,3 +68,30 @@ def test_gradients_are_the_ot_gradient_and_the_normalized_adversarial_one():
                                   fake_input)[0].flatten(1)
     cosine = torch.nn.functional.cosine_similarity(grad_adv.flatten(), by_hand.flatten(), dim=0)
     assert cosine.item() == pytest.approx(1, abs=1e-5)
+
+
+def test_w2_bound_from_a_fitted_prior_is_the_cost_of_the_gaussian_optimal_map():
+    """Source N(m_z, R^2), target N(m, S): the optimal map is T(z) = m + A (z - m_z) with
+    A = R^-1 (R S R)^(1/2) R^-1 (symmetric positive definite), and its cost is the bound; a target equal to
+    the source costs nothing."""
+    rng = np.random.default_rng(3)
+    n = 4
+
+    def spd(scale):
+        B = rng.standard_normal((n, n))
+        return B @ B.T / n * scale + 0.2 * np.eye(n)
+
+    def root(M):
+        w, V = np.linalg.eigh(M)
+        return V @ np.diag(np.sqrt(w)) @ V.T
+
+    R, S = root(spd(1.0)), spd(2.0)
+    source_mean, mean = rng.standard_normal(n), rng.standard_normal(n)
+    R_inv = np.linalg.inv(R)
+    A = R_inv @ root(R @ S @ R) @ R_inv
+    z = source_mean + rng.standard_normal((400_000, n)) @ R
+    mapped = mean + (z - source_mean) @ A
+    optimal_cost = ((mapped - z) ** 2).sum(1).mean() / n
+    bound = transport_report.class_gaussian(mapped, 1, source_mean, R)[0]
+    assert bound == pytest.approx(optimal_cost, rel=0.01)
+    assert transport_report.class_gaussian(z, 1, source_mean, R)[0] == pytest.approx(0, abs=2e-3)
