@@ -1,7 +1,7 @@
 """Sampling: K generator steps from noise (t = 1) to data (t = 0), and the command line to run them.
 
     python sample.py --nfe 1                                  # out/ckpt.pt -> samples.png, a row per class
-    python sample.py --labels 207,207,360 --out dogs.png      # chosen classes
+    python sample.py --labels 3,3,5 --out dresses.png         # chosen classes (Fashion-MNIST: dress, sandal)
     torchrun --nproc_per_node=8 sample.py --ckpt xl2_1nfe_guided_FID2.38.pth --model XL/2 --vae vae.bin \\
         --npz samples.npz --num-samples 50000                 # ADM-format samples for FID, authors' weights
 
