@@ -11,7 +11,7 @@ to 20,000 of) the training images, a departure from the paper in the spirit of d
 diffusion (PriorGrad, Lee et al. 2022). The OT term then pulls G(z) towards an image-shaped z, and x_s and x_t
 of multi-step training interpolate towards it (eq. 15). Sigma's eigenvalues are floored at 1e-4 of their mean,
 so the source keeps a density and Brenier's theorem still gives a unique optimal map. Sigma^(1/2) is the
-symmetric square root V diag(sqrt(lambda)) V^T, so the standard prior is the special case mu = 0, Sigma = I.
+symmetric square root, kept as its eigenvectors and their standard deviations (GaussianPrior).
 
 Every place that draws the flow's noise draws eps ~ N(0, I) as before and maps it through the prior: training
 pairs (losses.make_pairs), sampling (sample.sample), the judge, flow_matching.py. The standard prior is the
@@ -25,13 +25,21 @@ import data
 
 
 class GaussianPrior(nn.Module):
-    """eps (N, C, H, W) ~ N(0, I) -> z = mean + eps Sigma^(1/2). mean (C, H, W) and sqrt_cov (D, D),
-    D = C H W, are buffers (saved in the checkpoint); both None is the standard normal."""
+    """eps (N, C, H, W) ~ N(0, I) -> z = mean + Sigma^(1/2) eps, with the symmetric square root
 
-    def __init__(self, mean=None, sqrt_cov=None):
+        Sigma^(1/2) = U diag(scales) U^T + floor_scale (I - U U^T),
+
+    U (D, r) orthonormal directions of the data (D = C H W; r = D unless there were fewer images than
+    dimensions), scales their standard deviations, floor_scale the standard deviation left in every other
+    direction. The buffers mean (C, H, W), basis U, scales (r,) and floor_scale () are saved in the checkpoint;
+    none of them is the standard normal."""
+
+    def __init__(self, mean=None, basis=None, scales=None, floor_scale=None):
         super().__init__()
         self.register_buffer("mean", mean)
-        self.register_buffer("sqrt_cov", sqrt_cov)
+        self.register_buffer("basis", basis)
+        self.register_buffer("scales", scales)
+        self.register_buffer("floor_scale", floor_scale)
 
     @property
     def standard(self):
@@ -41,8 +49,17 @@ class GaussianPrior(nn.Module):
         if self.standard:
             return eps
         with torch.autocast(eps.device.type, enabled=False):  # a bf16 matmul would round the noise
-            z = eps.flatten(1).float() @ self.sqrt_cov  # (N, D); sqrt_cov is symmetric
+            flat = eps.flatten(1).float()  # (N, D)
+            along = (flat @ self.basis) * (self.scales - self.floor_scale)  # (N, r)
+            z = self.floor_scale * flat + along @ self.basis.T  # (N, D)
         return (z.view(eps.shape) + self.mean).to(eps.dtype)
+
+    def sqrt_cov(self):
+        """Sigma^(1/2) as a (D, D) matrix, for analysis; sampling never forms it."""
+        D = self.basis.shape[0]
+        identity = torch.eye(D, dtype=self.basis.dtype, device=self.basis.device)
+        return self.basis @ torch.diag(self.scales) @ self.basis.T + self.floor_scale * (
+            identity - self.basis @ self.basis.T)
 
     def noise_like(self, x):
         """A draw of the flow's noise with x's shape, dtype and device."""
@@ -51,7 +68,8 @@ class GaussianPrior(nn.Module):
 
 def fit(batches, max_samples=20_000, floor=1e-4):
     """A GaussianPrior from the first max_samples images of `batches` (an iterator of (x, y), x (B, C, H, W)
-    as the networks see it). Computed in float64 on the CPU, so every rank of a run fits the same numbers."""
+    as the networks see it). Computed in float64 on the CPU, so every rank of a run fits the same numbers.
+    Variances below floor times the mean variance are raised to it."""
     images, count = [], 0
     for x, _ in batches:
         images.append(x.detach().to("cpu", torch.float64))
@@ -60,20 +78,26 @@ def fit(batches, max_samples=20_000, floor=1e-4):
             break
     x = torch.cat(images)[:max_samples]  # (N, C, H, W)
     flat = x.flatten(1)  # (N, D)
+    N, D = flat.shape
     mean = flat.mean(0)
-    centred = flat - mean
-    covariance = centred.T @ centred / max(len(flat) - 1, 1)  # (D, D)
-    eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
-    eigenvalues = eigenvalues.clamp(min=floor * eigenvalues.clamp(min=0).mean())
-    sqrt_cov = eigenvectors @ torch.diag(eigenvalues.sqrt()) @ eigenvectors.T
-    return GaussianPrior(mean.view(x.shape[1:]).float(), sqrt_cov.float())
+    centred = (flat - mean) / max(N - 1, 1) ** 0.5  # Sigma = centred^T centred
+    if N > D:  # the eigenvectors of Sigma (D, D) itself
+        variances, basis = torch.linalg.eigh(centred.T @ centred)
+    else:  # fewer images than dimensions: Sigma has rank < N, found from the (N, N) Gram matrix
+        variances, vectors = torch.linalg.eigh(centred @ centred.T)
+        kept = variances > 1e-12 * variances.max().clamp(min=1e-300)
+        variances = variances[kept]
+        basis = centred.T @ vectors[:, kept] / variances.sqrt()  # (D, r) unit eigenvectors of Sigma
+    floor_variance = floor * variances.clamp(min=0).sum() / D  # floor x the mean variance (trace / D)
+    scales = variances.clamp(min=floor_variance).sqrt()
+    return GaussianPrior(mean.view(x.shape[1:]).float(), basis.float(), scales.float(),
+                         floor_variance.sqrt().float())
 
 
 def from_state(state):
     """The prior a checkpoint holds ("prior": its state dict, or {} for the standard normal)."""
     state = state or {}
-    return GaussianPrior(state.get("mean"), state.get("sqrt_cov"))
-
+    return GaussianPrior(*(state.get(name) for name in ("mean", "basis", "scales", "floor_scale")))
 
 
 FIT_SAMPLES = 20_000

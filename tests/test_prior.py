@@ -52,7 +52,7 @@ def test_fit_is_numpys_mean_and_covariance():
     fitted = prior.fit(batches_of(images, 256))
     flat = images.flatten(1).numpy()
     assert np.allclose(fitted.mean.flatten().numpy(), flat.mean(0), atol=1e-6)
-    sqrt_cov = fitted.sqrt_cov.double()
+    sqrt_cov = fitted.sqrt_cov().double()
     assert torch.allclose(sqrt_cov, sqrt_cov.T, atol=1e-6)  # the symmetric square root
     # every eigenvalue of this covariance is far above the floor, so Sigma^(1/2) Sigma^(1/2) is Sigma itself
     assert np.allclose((sqrt_cov @ sqrt_cov).numpy(), np.cov(flat, rowvar=False), rtol=1e-5, atol=1e-6)
@@ -63,11 +63,27 @@ def test_draws_have_the_fitted_mean_and_covariance():
     torch.manual_seed(0)
     z = fitted.noise_like(torch.zeros(200_000, 2, 2, 2)).flatten(1).double()
     assert z.shape == (200_000, 8)
-    covariance = (fitted.sqrt_cov @ fitted.sqrt_cov).double()
+    covariance = (fitted.sqrt_cov() @ fitted.sqrt_cov()).double()
     scale = covariance.diagonal().sqrt()
     assert torch.allclose(z.mean(0), fitted.mean.flatten().double(), atol=4 * scale.max().item() / 447)
     # the sample covariance of 200,000 draws: entries within a few standard errors (about 3 sigma^2 / 447)
     assert torch.allclose(torch.cov(z.T), covariance, atol=4 * covariance.diagonal().max().item() / 447)
+
+
+def numpy_sqrt_cov(images, floor=1e-4):
+    """The floored symmetric square root of the images' covariance, from numpy's eigendecomposition."""
+    eigenvalues, eigenvectors = np.linalg.eigh(np.cov(images.flatten(1).numpy(), rowvar=False))
+    eigenvalues = np.clip(eigenvalues, floor * np.clip(eigenvalues, 0, None).mean(), None)
+    return eigenvectors @ np.diag(np.sqrt(eigenvalues)) @ eigenvectors.T
+
+
+def test_fewer_images_than_dimensions_give_the_same_square_root():
+    """With N <= D images Sigma has rank < N: the fit takes its eigenvectors from the (N, N) Gram matrix and
+    keeps only those, yet Sigma^(1/2) is the full floored square root, and draws cost O(N D) per sample."""
+    images = correlated_images(6)  # 6 images of 8 dimensions: rank 5
+    fitted = prior.fit(batches_of(images, 6))
+    assert fitted.basis.shape == (8, 5) and fitted.scales.shape == (5,)
+    assert np.allclose(fitted.sqrt_cov().double().numpy(), numpy_sqrt_cov(images), atol=1e-5)
 
 
 def test_fit_uses_the_first_max_samples_images():
@@ -86,7 +102,7 @@ def test_floor_keeps_a_density_where_the_data_has_none():
     true_eigenvalues = np.linalg.eigvalsh(covariance)
     floor = 1e-4 * np.clip(true_eigenvalues, 0, None).mean()
     fitted = prior.fit(batches_of(images, 500))
-    eigenvalues = np.linalg.eigvalsh((fitted.sqrt_cov.double() @ fitted.sqrt_cov.double()).numpy())
+    eigenvalues = np.linalg.eigvalsh((fitted.sqrt_cov().double() @ fitted.sqrt_cov().double()).numpy())
     assert np.allclose(eigenvalues[:2], floor, rtol=1e-3)  # the two zero directions, floored
     assert np.allclose(eigenvalues[2:], true_eigenvalues[2:], rtol=1e-4)  # the rest untouched
     torch.manual_seed(0)
@@ -104,7 +120,7 @@ def test_training_pairs_draw_through_the_prior():
     losses.sample_times(4, 1, "cpu")
     eps = torch.randn_like(x)
     assert torch.allclose(x_src, fitted(eps), atol=1e-6) and torch.equal(real, x)
-    assert torch.allclose(fitted(eps), fitted.mean + (eps.flatten(1) @ fitted.sqrt_cov).view(4, 2, 2, 2))
+    assert torch.allclose(fitted(eps), fitted.mean + (eps.flatten(1) @ fitted.sqrt_cov()).view(4, 2, 2, 2))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -139,7 +155,7 @@ def test_train_stores_the_fitted_prior_resumes_it_and_samples_through_it(folder,
     train.main([*common, "--out-dir", str(tmp_path / "b"), "--max-steps", "4", "--resume"])
     straight, resumed = (checkpoint.load(str(tmp_path / d / "ckpt.pt")) for d in "ab")
     assert np.allclose(straight["prior"]["mean"].numpy(), dataset_mean(folder), atol=1e-5)
-    for key in ("mean", "sqrt_cov"):
+    for key in ("mean", "basis", "scales", "floor_scale"):
         assert torch.equal(straight["prior"][key], resumed["prior"][key])
     for key, value in straight["G"].items():
         assert torch.equal(value, resumed["G"][key]), key  # resume is bitwise exact with the prior too

@@ -98,7 +98,7 @@ def report(args):
     prior_root = None
     if not noise_prior.standard:
         prior_mean = noise_prior.mean.flatten().double().numpy()
-        prior_root = noise_prior.sqrt_cov.double().numpy()
+        prior_root = noise_prior.sqrt_cov().double().numpy()
     prior_trace = prior_mean.size if prior_root is None else float((prior_root * prior_root).sum())
     print(f"{args.ckpt}: step {run['step']}, prior {config.get('prior', 'standard')}, lambda_ot "
           f"{config['ot_start']} -> {config['ot_end']} over {config['ot_decay_steps']} steps; OT / D at "
