@@ -101,3 +101,29 @@ def test_documented_command_parses(where, script, argv, monkeypatch, capsys):
         pytest.fail(f"{where}: `{script} {shlex.join(argv)}` does not parse (exit {exit_info.code}): "
                     f"{capsys.readouterr().err.strip()}")
     pytest.fail(f"{where}: `{script} {shlex.join(argv)}` ran without parsing its arguments")
+
+
+def anchor(heading):
+    """GitHub's anchor of a Markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+@pytest.mark.parametrize("path", DOCS, ids=[path.name for path in DOCS])
+def test_relative_links_resolve(path):
+    """Every link to a file of the repository (and to a heading in it) points at something that exists."""
+    broken = []
+    for target in LINK.findall(path.read_text()):
+        if target.startswith(("http://", "https://", "mailto:")):
+            continue
+        file, _, fragment = target.partition("#")
+        linked = (path.parent / file).resolve() if file else path
+        if not linked.exists():
+            broken.append(target)
+        elif fragment and linked.suffix == ".md":
+            headings = re.findall(r"^#+ (.+)$", linked.read_text(), flags=re.M)
+            if fragment not in {anchor(heading) for heading in headings}:
+                broken.append(target)
+    assert not broken, f"{path.name}: links to nothing: {broken}"
