@@ -71,47 +71,48 @@ def batches(step):
     return torch.randn(8, 3, 16, 16, generator=generator), torch.randint(10, (8,), generator=generator)
 
 
-@pytest.mark.parametrize("augment", list(AUGMENTS))
-@pytest.mark.parametrize("nfe", ["1", "2"])
-def test_generator_gradient_matches_authors_step(nfe, augment):
-    """G's parameter gradient through D(phi(rho(G(z)))) (eq. 34) and the normalizer's EMA, three updates."""
+def both_updates(nfe, augment, network):
+    """Three updates of `network` ("G" or "D") by train.py and by authors_step, from the same weights and
+    random stream each time. -> (our gradients, theirs, [(our normalizer statistic, theirs)]), one entry per
+    update."""
     args, ours, theirs = twin_nets(nfe)
     rho = AUGMENTS[augment]
     autocast = train.set_precision("fp32", torch.device("cpu"))
-    ours_seen, theirs_seen = recorded_gradients(ours.opt_g), recorded_gradients(theirs.opt_g)
+    optimizer = "opt_g" if network == "G" else "opt_d"
+    ours_seen = recorded_gradients(getattr(ours, optimizer))
+    theirs_seen = recorded_gradients(getattr(theirs, optimizer))
+    statistics = []
     for step in range(STEPS):
         x, y = batches(step)
         same_weights(ours, theirs)
         torch.manual_seed(step)
-        _, finite = train.g_update(ours, args, x, y, 0.2, autocast, rho)
-        torch.manual_seed(step)
-        authors_step.g_update(theirs, args, x, y, 0.2, autocast, rho)
+        if network == "G":
+            _, finite = train.g_update(ours, args, x, y, 0.2, autocast, rho)
+            torch.manual_seed(step)
+            authors_step.g_update(theirs, args, x, y, 0.2, autocast, rho)
+        else:
+            _, finite = train.d_update(ours, args, x, y, autocast, rho)
+            torch.manual_seed(step)
+            authors_step.d_update(theirs, args, x, y, autocast, rho)
         assert finite
-        assert relative_difference(ours_seen[step], theirs_seen[step]) < 1e-5, step
-        assert ours.gradnorm.square_avg.item() == pytest.approx(theirs.gradnorm.square_avg.item(), rel=1e-5)
-    assert ours.gradnorm.square_avg.item() > 0
-    # Both start from the same weights, and a G update moves them: the recorded gradients are not all zero.
-    assert all(torch.cat([g.flatten() for g in seen]).norm() > 0 for seen in ours_seen)
+        statistics.append((ours.gradnorm.square_avg.item(), theirs.gradnorm.square_avg.item()))
+    return ours_seen, theirs_seen, statistics
 
 
 @pytest.mark.parametrize("augment", list(AUGMENTS))
 @pytest.mark.parametrize("nfe", ["1", "2"])
-def test_discriminator_gradient_matches_authors_step(nfe, augment):
-    """D's parameter gradient: the same rho on each pair, R1/R2 on the first k augmented samples."""
-    args, ours, theirs = twin_nets(nfe)
-    rho = AUGMENTS[augment]
-    autocast = train.set_precision("fp32", torch.device("cpu"))
-    ours_seen, theirs_seen = recorded_gradients(ours.opt_d), recorded_gradients(theirs.opt_d)
+@pytest.mark.parametrize("network", ["G", "D"])
+def test_parameter_gradients_match_authors_step(network, nfe, augment):
+    """G: the gradient through D(phi(rho(G(z)))) (eq. 34) and the normalizer's EMA. D: the same rho on each
+    pair, R1/R2 on the first k augmented samples. Three updates each."""
+    ours, theirs, statistics = both_updates(nfe, augment, network)
     for step in range(STEPS):
-        x, y = batches(step)
-        same_weights(ours, theirs)
-        torch.manual_seed(step)
-        _, finite = train.d_update(ours, args, x, y, autocast, rho)
-        torch.manual_seed(step)
-        authors_step.d_update(theirs, args, x, y, autocast, rho)
-        assert finite
-        assert relative_difference(ours_seen[step], theirs_seen[step]) < 1e-5, step
-    assert all(torch.cat([g.flatten() for g in seen]).norm() > 0 for seen in ours_seen)
+        assert relative_difference(ours[step], theirs[step]) < 1e-5, step
+        assert statistics[step][0] == pytest.approx(statistics[step][1], rel=1e-5), step
+    # an update moves its network: the recorded gradients are not all zero
+    assert all(torch.cat([g.flatten() for g in seen]).norm() > 0 for seen in ours)
+    if network == "G":
+        assert statistics[-1][0] > 0  # the G update's backward went through the normalizer
 
 
 def test_augmentation_changes_what_the_normalizer_measures():
