@@ -25,6 +25,7 @@ import quality
 
 STEPS = 600
 THRESHOLD = 0.3
+RECALL_FLOOR = 0.04
 FASHION_MNIST = [folder for folder in data.IDX_DEFAULT_DIRS["fashion-mnist"]
                  if os.path.exists(os.path.join(folder, "train-images-idx3-ubyte.gz"))]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,6 +56,7 @@ def test_fashion_mnist_preset_learns_the_classes(tmp_path):
     assert untrained["judge_accuracy"] == pytest.approx(0.1)  # mid-gray samples: one class for all
     assert trained["judge_accuracy"] >= THRESHOLD, trained
     assert trained["judge_fd_ratio"] < 0.7, trained
-    # Recall is recorded, not yet held to a floor: the 1-NFE preset draws nearly one garment per class
-    # (README, "What a laptop gets"). The ceiling it is read against must be what real images score.
-    assert judge["pr_ceiling"][1] > 0.8 and 0 <= trained["judge_recall"] <= 1
+    # The ceiling recall is read against must be what real images score; the preset's one step must not draw
+    # one garment per class (the paper's N(0, I) noise reached 0.002 here).
+    assert judge["pr_ceiling"][1] > 0.8
+    assert trained["judge_recall"] >= RECALL_FLOOR, trained
