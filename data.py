@@ -602,7 +602,7 @@ class Loader:
     """
 
     def __init__(self, dataset, batch_size, rank=0, world_size=1, seed=0, num_workers=0, device="cpu",
-                 flip=True):
+                 flip=True, reported=None):
         if len(dataset) == 0:
             raise DataError("the dataset is empty")
         self.per_rank = math.ceil(len(dataset) / world_size)  # samples each rank gets per epoch
@@ -619,7 +619,8 @@ class Loader:
                                   pin_memory=self.device.type == "cuda",
                                   generator=torch.Generator())  # worker seeds must not consume the global RNG
         self._iterator = None  # over the current epoch, from self.batch on; None: start it at the next call
-        self._warned = set()  # unreadable files already reported
+        # unreadable files already reported: pass another loader's set so that a file is named once in all
+        self.reported = set() if reported is None else reported
         self._skipped = set()  # unreadable files met in this epoch
 
     def _epoch_keys(self, epoch):
@@ -648,8 +649,8 @@ class Loader:
             raise DataError(str(error).splitlines()[-1].split("DataError: ", 1)[-1]) from None
         for path, reason in skipped:
             self._skipped.add(path)
-            if path not in self._warned:
-                self._warned.add(path)
+            if path not in self.reported:
+                self.reported.add(path)
                 warn(f"skipping unreadable image {path}: {reason}")
         self.batch += 1
         if self.batch == self.batches_per_epoch:

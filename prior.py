@@ -31,8 +31,8 @@ class GaussianPrior(nn.Module):
 
     U (D, r) orthonormal directions of the data (D = C H W; r = D unless there were fewer images than
     dimensions), scales their standard deviations, floor_scale the standard deviation left in every other
-    direction. The buffers mean (C, H, W), basis U, scales (r,) and floor_scale () are saved in the checkpoint;
-    none of them is the standard normal."""
+    direction. The buffers mean (C, H, W), basis U, scales (r,) and floor_scale () are saved in the
+    checkpoint; none of them is the standard normal."""
 
     def __init__(self, mean=None, basis=None, scales=None, floor_scale=None):
         super().__init__()
@@ -113,7 +113,8 @@ def for_run(kind, source, seed, resume_state=None):
     if kind == "standard":
         return GaussianPrior()
     dataset = source.loader.dataset
-    loader = data.Loader(dataset, min(500, len(dataset)), seed=seed, flip=False)
+    loader = data.Loader(dataset, min(500, len(dataset)), seed=seed, flip=False,
+                         reported=source.loader.reported)  # an unreadable file is named once, not twice
     fitted = fit(loader, min(FIT_SAMPLES, len(dataset)))
     if fitted.mean.shape[0] != source.in_channels:
         raise data.DataError("--prior data is fitted to what the networks see: for --data imagenet, extract "

@@ -63,7 +63,8 @@ def phase_preset(phase, nfe, repeat, model):
     def pick(value):  # a (1-NFE, multi-step) pair, or one value for both
         return value[multi_step] if isinstance(value, tuple) else value
 
-    preset = dict(lr=row["lr_deep"].get(repeat, pick(row["lr"])), ot_start=pick(row["ot"][0]),
+    preset = dict(prior="standard", lr=row["lr_deep"].get(repeat, pick(row["lr"])),  # the paper's N(0, I)
+                  ot_start=pick(row["ot"][0]),
                   ot_end=PHASE_1_OT_END.get(model, row["ot"][1]) if phase == 1 else row["ot"][1])
     for name in ("ema_reload_every", "d_reload_on_stall", "cg_scale", "augment_p"):
         if row[name] is not None:

@@ -182,7 +182,8 @@ def parse_args(argv=None):
         "digits and shoes are not in the data, and for folder, which may hold digits or text: --flip for "
         "photos)")
     add("--prior", choices=["standard", "data"], help="the flow's noise: N(0, I) as in the paper, or a "
-        "Gaussian with the training data's mean and covariance (prior.py) " + per_source("prior", "standard"))
+        "Gaussian with the training data's mean and covariance (prior.py) " +
+        per_source("prior", "standard; with --phase or classifier guidance: standard"))
     add("--grad-clip", type=float, help="max gradient norm (default 50 for 1-NFE, 5 for multi-step and deep "
         "generators, as the authors' configs)")
     add("--ot-start", type=float,
@@ -238,6 +239,8 @@ def parse_args(argv=None):
             if getattr(args, name, None) is None:
                 setattr(args, name, value)
     args.g_lr = args.g_lr or args.lr / args.repeat
+    if args.cg_scale > 0 and "prior" not in args.given:  # the guidance classifier trains on N(0, I) noise
+        args.prior = "standard"
     return args
 
 
@@ -253,7 +256,7 @@ def validate(args, world_size):
         raise ArgumentError("--repeat needs a 1-NFE generator (--nfe 1) and must be >= 1")
     if args.prior == "data" and args.cg_scale > 0:
         raise ArgumentError("--prior data with classifier guidance is not supported: classifier.py trains "
-                            "its classifier on N(0, I) noise")
+                            "its classifier on N(0, I) noise; drop --prior data")
     recipe.validate(args)
 
 
