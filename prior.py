@@ -13,9 +13,9 @@ of multi-step training interpolate towards it (eq. 15). Sigma's eigenvalues are 
 so the source keeps a density and Brenier's theorem still gives a unique optimal map. Sigma^(1/2) is the
 symmetric square root, kept as its eigenvectors and their standard deviations (GaussianPrior).
 
-Every place that draws the flow's noise draws eps ~ N(0, I) as before and maps it through the prior: training
-pairs (losses.make_pairs), sampling (sample.sample), the judge, flow_matching.py. The standard prior is the
-identity map, so a run without --prior data draws exactly the numbers it always did.
+Every place that draws the flow's noise draws eps ~ N(0, I) as before and maps it through the prior:
+training pairs (losses.make_pairs), sampling (sample.sample_images), the judge, flow_matching.py. The standard
+prior is the identity map, so a run without --prior data draws exactly the numbers it always did.
 """
 
 import torch
@@ -66,7 +66,10 @@ class GaussianPrior(nn.Module):
         return self(torch.randn_like(x))
 
 
-def fit(batches, max_samples=20_000, floor=1e-4):
+FIT_SAMPLES = 20_000  # images a fit reads at most
+
+
+def fit(batches, max_samples=FIT_SAMPLES, floor=1e-4):
     """A GaussianPrior from the first max_samples images of `batches` (an iterator of (x, y), x (B, C, H, W)
     as the networks see it). Computed in float64 on the CPU, so every rank of a run fits the same numbers.
     Variances below floor times the mean variance are raised to it."""
@@ -100,9 +103,6 @@ def from_state(state):
     return GaussianPrior(*(state.get(name) for name in ("mean", "basis", "scales", "floor_scale")))
 
 
-FIT_SAMPLES = 20_000
-
-
 def for_run(kind, source, seed, resume_state=None):
     """The prior of a train.py or flow_matching.py run: the checkpoint's when resuming, else N(0, I) for kind
     "standard" or one fitted to the training data of source (vae.TrainingData) for kind "data". The fit reads
@@ -115,7 +115,7 @@ def for_run(kind, source, seed, resume_state=None):
     dataset = source.loader.dataset
     loader = data.Loader(dataset, min(500, len(dataset)), seed=seed, flip=False,
                          reported=source.loader.reported)  # an unreadable file is named once, not twice
-    fitted = fit(loader, min(FIT_SAMPLES, len(dataset)))
+    fitted = fit(loader, min(FIT_SAMPLES, loader.batches_per_epoch * loader.batch_size))  # one epoch at most
     if fitted.mean.shape[0] != source.in_channels:
         raise data.DataError("--prior data is fitted to what the networks see: for --data imagenet, extract "
                              "the latents once with `python vae.py` and train on them")

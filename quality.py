@@ -226,7 +226,7 @@ class SampleJudge:
         (precision and recall where the judge file holds real features). prior: the run's noise (prior.py),
         through which the fixed standard normals pass; None: N(0, I)."""
         device = next(generator.parameters()).device
-        source = (lambda eps: eps) if prior is None else prior.to(device)
+        source = (lambda eps: eps) if prior is None else prior  # on the generator's device
         images = torch.cat([sample(generator, source(self.noise[i:i + batch_size].to(device)),
                                    self.labels[i:i + batch_size].to(device),
                                    nfe, pred).float().cpu().clamp(-1, 1)

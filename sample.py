@@ -140,12 +140,12 @@ def make_decoder(generator, vae_path, device):
 
 def sample_images(generator, decode, indices, labels, seed, nfe, pred, device, prior=None):
     """uint8 images for the given global sample indices: the noise of sample i is seeded by (seed, i), then
-    mapped through the run's prior (prior.py; None: N(0, I))."""
+    mapped through the run's prior (prior.py, on device; None: N(0, I))."""
     shape = (generator.in_channels, generator.input_size, generator.input_size)
     streams = [torch.Generator().manual_seed(seed * 1_000_003 + int(i)) for i in indices]
     noise = torch.stack([torch.randn(shape, generator=stream) for stream in streams]).to(device)
     if prior is not None:
-        noise = prior.to(device)(noise)
+        noise = prior(noise)
     x = sample(generator, noise, labels.to(device), nfe=nfe, pred=pred)
     return to_uint8(decode(x))
 
@@ -268,6 +268,7 @@ def run(args):
         torch.backends.cuda.matmul.allow_tf32 = True  # the paper's precision
     generator, nfe, pred, noise_prior = load_generator(args)
     generator.to(device)
+    noise_prior.to(device)
     decode = make_decoder(generator, args.vae, device)
     if args.npz:
         if not args.num_samples or args.num_samples <= 0:

@@ -226,3 +226,15 @@ def test_prior_with_guidance_is_one_error_line(folder, tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--prior data with classifier guidance" in err[0]
+
+
+def test_a_fit_reads_each_image_once():
+    """510 images in batches of 500: the loader drops the incomplete last batch, so the fit reads the first
+    epoch's 500 images and stops, instead of topping up from the next epoch with images it has seen."""
+    images = (np.random.RandomState(0).rand(510, 4, 4, 1) * 255).astype(np.uint8)
+    dataset = data.ArrayDataset(images, np.zeros(510, dtype=np.int64))
+    source = argparse.Namespace(loader=data.Loader(dataset, 10, flip=False), in_channels=1)
+    fitted = prior.for_run("data", source, seed=0)
+    first_epoch = data.Loader(dataset, 500, seed=0, flip=False)._epoch_keys(0)[:500]
+    read = images[[index for index, _ in first_epoch]].astype(np.float64) / 127.5 - 1  # (500, 4, 4, 1)
+    assert np.allclose(fitted.mean.flatten().numpy(), read.mean(0).transpose(2, 0, 1).flatten(), atol=1e-6)
