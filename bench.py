@@ -65,6 +65,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import authors_step
 import checkpoint
+import config
 import data
 import losses
 import recipe
@@ -95,7 +96,7 @@ def parse_args(argv=None):
     if options.data_loader and options.in_channels == 4 and args.num_workers is None:
         # The workers train.py gives ImageNet latents (the default --data, in memory, has none); image
         # folders get data.default_workers, as in train.py.
-        args.num_workers = train.PRESETS["imagenet"]["num_workers"]
+        args.num_workers = config.DATA["imagenet"]["num_workers"]
     if options.steps < 1 or options.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
     if args.vae and not (options.data_loader and options.in_channels == 4):

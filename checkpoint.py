@@ -15,6 +15,7 @@ the training clock, the resumed configuration (the checkpoint's, with the flags 
 train.py's ckpt.pt itself: what it holds, --keep's step-stamped copies, restoring it.
 """
 
+import argparse
 import contextlib
 import errno
 import fcntl
@@ -383,6 +384,18 @@ def resumed_config(saved, current, given, fixed):
     return {**current, **{k: v for k, v in saved.items() if k in current and k not in kept}}
 
 
+def resume(args, given, fixed):
+    """-> (args, the checkpoint's state or None). With --resume: the checkpoint's flags, except those
+    typed now (given), and the state of out_dir/ckpt.pt."""
+    if not args.resume:
+        return args, None
+    state = load_training_state(args.out_dir)
+    resumed = argparse.Namespace(**resumed_config(state["config"], vars(args), given, fixed))
+    if "lr" in given and "g_lr" not in given and "g_lr" in state["config"]:  # G's rate keeps its ratio to D's
+        resumed.g_lr = state["config"]["g_lr"] * resumed.lr / state["config"]["lr"]
+    return resumed, state
+
+
 class Clock:
     """The training clock: wall time minus the paused stretches (judging, FID), carried over on resume."""
 
@@ -403,21 +416,8 @@ class Clock:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# train.py's ckpt.pt: the networks, optimizers, data position and random streams, and the run's configuration
-
-
-def training_state(nets, args, step, loader, world_size, network_kwargs, extra):
-    """What ckpt.pt holds (every rank calls this: the RNG states are gathered on rank 0). extra: the recipe's
-    state (fid_tracking, best_D) and the clock (train_seconds)."""
-    generator_kwargs, discriminator_kwargs = network_kwargs
-    state = {"step": step, "config": vars(args), "generator_kwargs": generator_kwargs,
-             "discriminator_kwargs": discriminator_kwargs,
-             "G": nets.G.state_dict(), "ema": nets.ema.state_dict(), "D": nets.D.state_dict(),
-             "gradnorm": nets.gradnorm.state_dict(), "prior": nets.noise_prior.state_dict(),
-             "opt_g": nets.opt_g.state_dict(),
-             "opt_d": nets.opt_d.state_dict(), "data": loader.state_dict(),
-             "rng": gather_rng_states(world_size)}
-    return {**state, **extra}
+# A run's ckpt.pt (train.py builds it): the networks, optimizers, data position and random streams, and the
+# run's configuration
 
 
 def all_finite(tensors):
@@ -467,16 +467,9 @@ def load_networks(nets, state, source):
         load_weights(module, state[name], what=f"{source} [{name}]")
 
 
-def restore(nets, state, loader, rank, world_size, args):
-    """Everything a checkpoint holds, so that the run continues exactly as if it had never stopped; then the
-    learning rates and weight decay of args, which --resume may have changed (an optimizer's state_dict
-    carries its own)."""
-    load_networks(nets, state, "checkpoint")
-    nets.opt_g.load_state_dict(state["opt_g"])
-    nets.opt_d.load_state_dict(state["opt_d"])
-    for optimizer, lr in ((nets.opt_g, args.g_lr), (nets.opt_d, args.lr)):
-        for group in optimizer.param_groups:
-            group.update(lr=lr, weight_decay=args.weight_decay)
+def restore_position(state, loader, rank, world_size):
+    """The data position and this rank's random streams of a checkpoint, so that the run continues exactly as
+    if it had never stopped (the networks and optimizers are the objective's to load)."""
     loader.load_state_dict(state["data"])
     if len(state["rng"]) == world_size:
         set_rng_state(state["rng"][rank])

@@ -254,6 +254,15 @@ def describe(result, real_accuracy):
     return line
 
 
+def judge_for_run(args, source):
+    """The judge of a training run (--judge, or OUT_DIR/judge.pt trained there on first use) over fixed,
+    class-balanced noise of the run's shape."""
+    path = args.judge or os.path.join(args.out_dir, "judge.pt")
+    shape = (source.in_channels, source.input_size, source.input_size)
+    judge = judge_or_train(path, args.data, args.data_path, source.input_size)
+    return SampleJudge(*judge, shape, args.judge_samples, args.seed)
+
+
 def judge_checkpoint(judge_path, ckpt_path, num_samples, step_counts=None):
     """Print how the judge rates the EMA generator of a train.py or flow_matching.py checkpoint, at each of
     step_counts (default: the steps it was trained or judged with)."""

@@ -50,6 +50,15 @@ def set_precision(precision, device):
 class Diverged(Exception):
     """A training run's loss or gradients stayed non-finite for too many consecutive steps (exit code 3)."""
 
+    @staticmethod
+    def message(bad_steps, step, out_dir, last_saved_step):
+        ckpt_path = os.path.join(out_dir, "ckpt.pt")
+        where = "no checkpoint was written"
+        if last_saved_step is not None:
+            where = f"the last good checkpoint is {ckpt_path} (step {last_saved_step})"
+        return (f"the loss became non-finite: {bad_steps} consecutive steps up to step {step} were skipped; "
+                f"{where}. Lower --lr or resume from the checkpoint")
+
 
 class WriteError(Exception):
     """A file could not be written (no space left on device, an I/O error, ...). The message is one line."""

@@ -154,6 +154,17 @@ def sample_images(generator, decode, indices, labels, seed, nfe, pred, device, p
 # ADM-format .npz, streamed so neither the processes nor the assembly hold all N images in memory
 
 
+def write_progress_grid(ema, noise_prior, args, source, step, device):
+    """A training run's progress: an EMA sample grid, a row of 8 per class, with the noise of sample indices
+    0, 1, ... (the same at every step), as OUT_DIR/samples_<step>.png."""
+    if source.in_channels == 4 and source.autoencoder is None:
+        return  # latents without --vae cannot be decoded
+    labels = grid_labels(ema.num_classes)
+    images = sample_images(ema, source.decode, np.arange(len(labels)), labels, args.seed,
+                           8 if args.nfe == "any" else args.nfe, args.pred, device, noise_prior)
+    write_grid(images, os.path.join(args.out_dir, f"samples_{step:08d}.png"), nrow=8)
+
+
 def write_npz(path, parts, labels, order, batch_size, world_size):
     """Assemble the per-rank part files into one .npz with arr_0 (shuffled by `order`) and labels.
 

@@ -1,4 +1,4 @@
-"""Train an Adversarial Flow Model: the configuration, the networks, the D and G updates, and the loop.
+"""Train an Adversarial Flow Model: the networks, the D and G updates, and the loop that any objective uses.
 
     python train.py                                   # tiny model, Fashion-MNIST, on a laptop CPU or one GPU
     torchrun --nproc_per_node=8 train.py --data imagenet --data-path latents.npy --model XL/2   # the paper
@@ -10,16 +10,12 @@ own data batch of --batch-size images (global, split over ranks):
                 + logit centering
     G update    losses.generator_objective: relativistic loss through gradnorm.py + lambda_ot * OT loss / w,
                 with D frozen (its parameters get no gradients)
-    schedule    lambda_ot follows a cosine from --ot-start to --ot-end over --ot-decay-steps, then stays
-                (Table 2)
+    schedule    lambda_ot follows a cosine from --ot-start to --ot-end over --ot-decay-steps (Table 2)
 
-Around them: data.py and vae.open_data (the data), checkpoint.py (run state: ckpt.pt, resume, signals),
-recipe.py (Table 11's phases, guidance, reloads, in-loop FID, the sample judge), runtime.py (processes,
-devices, exit codes and the log).
-
-Under torchrun each rank runs this same file; DDP averages gradients only where a network is being updated:
-the D update goes through DDP(D), the G update through DDP(G), and the frozen or no_grad calls use the plain
-modules. Rank 0 alone writes files.
+config.py says where each value comes from, recipe.py holds the rest of Table 11 (guidance, reloads, the
+in-loop FID), checkpoint.py the run's files. Under torchrun each rank runs this file; DDP averages gradients
+only in the update of the network being trained (DDP(D) in the D update, DDP(G) in the G update; the frozen
+and no_grad calls use the plain modules). Rank 0 alone writes files.
 """
 
 import argparse
@@ -36,227 +32,78 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
 import classifier
+import config
 import data
 import fid
 import losses
 import prior
+import quality
 import recipe
 import vae
+from config import ArgumentError
 from gradnorm import GradientNormalization
 from model import MODELS, Discriminator, Generator
-from recipe import ArgumentError
 from runtime import Diverged, TrainingLog, run, set_precision, setup_distributed
-from sample import grid_labels, sample_images, write_grid
+from sample import write_progress_grid
 
 # ------------------------------------------------------------------------------------------------------------
-# 1. Configuration. A flag left unset takes, in this order: its --phase row (recipe.TABLE_11), its --data row
-# below, then paper_defaults() (the paper's values, some depending on --nfe). --help shows each row's value.
+# 1. Configuration: AFM's flags. Their values, and the rule that picks them, are in config.py.
 
-# The laptop presets: a tiny DiT (4 blocks of width 128, 1.2M parameters) that cuts 28-px images into 4 x 4
-# tokens of 7 x 7 pixels (T/7), 32-px ones into 4 x 4 tokens of 8 x 8 (T/8). Chosen from measured runs on the
-# real Fashion-MNIST (docs/laptop.md; all but the prior and lambda_ot lines were measured with N(0, I) noise).
-# A laptop runs a few thousand steps where the paper runs 500,000, so they depart from the paper's row below:
-#   T/7, T/8             16 tokens: three times the steps per minute of T/4's 49, and the extra steps are what
-#                        let the samples of one class start to differ (T/4 drew one garment per class).
-#   lr 2e-3 (D)          20x the paper's 1e-4: the class embeddings start at N(0, 0.02) and the adaLN weights
-#                        at zero, so class conditioning grows roughly with lr^2. Measured with G at the same
-#                        rate: 5e-4 and 1e-3 were slower per minute, 3e-3 no faster.
-#   g_lr 1e-3 (G)        half of D's: the samples of a class then differ more in shape (bags with and without
-#                        handles, T-shirts of several prints). Distance ratio over minutes 27-30, G at 1e-3
-#                        against 2e-3: 0.080-0.114 and 0.080-0.106 (two seeds) against 0.115-0.146 on both
-#                        cores, 0.103-0.112 against 0.137-0.194 on one; class accuracy is a little slower in
-#                        the first 10 minutes.
-#   EMA 0.99, warm-up 10 the EMA decays at min(0.99, (1 + step) / (10 + step)), so it never holds the random
-#                        start; the paper's 0.9999 would average over 10,000 steps a laptop never takes.
-#   prior data           the noise is a Gaussian fitted to the training images (prior.py), not N(0, I): a
-#                        class then draws many garments at one step, not one (recall 0.42, not 0.02).
-#   lambda_ot 0.1        throughout, so that the pull towards z lasts (decayed 0.1 -> 0.01 over 8,000 steps,
-#                        recall fell back to 0.21; with N(0, I) the row was 0.05 -> 0.005 over 500 steps).
-#   lambda_gp 0.05       T/4, one run each: 0.81 of A_real after 8 minutes; the paper's 0.25: 0.72; 1.0: 0.79.
-#   D augmentation       every real/fake pair is shifted by the same random -2..2 pixels before D (sec. 3.9's
-#                        paired augmentation, translation only): the seams between G's patches then fall
-#                        inside D's patches, where D sees them. Without it the samples are blocky.
-#   batch 32             28-px Fashion-MNIST runs 200-260 steps a minute on one core of a 2-core CPU (360-420
-#                        on both). With G at 2e-3, batch 128 learnt more slowly for 10 minutes; at 30 its
-#                        distance ratio was 0.086 in one run, 0.15 and 0.14 (at 27 minutes) in two more,
-#                        against 0.137 for batch 32.
-#   --nfe 2              takes the same row (G then predicts velocities). 30 minutes on one core, two seeds:
-#                        Frechet ratio 0.097 and 0.145 against flow matching's two steps 0.104 and 0.097,
-#                        recall 0.25 and 0.24 against one step's 0.04. The paper's multi-step lambda_ot
-#                        (0.25, here decayed over 3,000 steps) learnt more slowly and diverged at 6,700
-#                        steps. --nfe 4 had learnt 0.24 and 0.17 of A_real in 10 minutes on two hosts, with
-#                        D's loss near log 2 throughout (it hardly tells real from fake): no laptop setting.
-# The MNISTs are 28 px (no padding) and never flipped (a mirrored digit is not a digit). A folder is not
-# flipped either unless --flip, since it may hold digits or text: on 5,000 real digits saved as 32-px PNGs,
-# flips cut the sample accuracy at 10 minutes on one core from 0.60 to 0.20 of A_real. Loader processes
-# (data.default_workers, unless --num-workers): none for in-memory datasets and folders of images up to 64 px;
-# one for a folder of larger images, to decode while the model trains (a 500 x 375 JPEG takes 2-3.6 ms to
-# decode and shrink to 32 px, so a step's 64 real images take about as long as the step itself). A 28-px
-# digit decodes in 0.1 ms, and there a worker only competes for the two cores (410 steps a minute without,
-# 340 with one).
-# The judge (quality.py) labels samples every judge_every steps: on by default for the MNISTs, whose judge
-# trains in a minute; --judge-every N turns it on for CIFAR-10 and folders (it trains on the whole set first).
-LAPTOP = dict(batch_size=32, lr=2e-3, g_lr=1e-3, max_steps=20_000, ema_decay=0.99, ema_warmup=10,
-              prior="data", ot_start=0.1, ot_end=0.1, ot_decay_steps=500, gp_scale=0.05, augment_p=1.0,
-              augment_translate=0.08, augment_cutouts=0, ckpt_every=1000, sample_every=500, log_every=50)
-
-PRESETS = {
-    "fashion-mnist": dict(LAPTOP, model="T/7", image_size=28, flip=False, judge_every=250),
-    "mnist": dict(LAPTOP, model="T/7", image_size=28, flip=False, judge_every=250),
-    "cifar10": dict(LAPTOP, model="T/8", image_size=32, flip=True, judge_every=0),
-    "folder": dict(LAPTOP, model="T/8", image_size=32, flip=False, judge_every=0),
-    # The paper (Table 10/11, phase 1): XL/2 on SD-VAE latents, batch 256, lr 1e-4, EMA 0.9999, lambda_ot
-    # decayed over 100 epochs = 1M alternating iterations = 500k of our D+G steps.
-    "imagenet": dict(model="XL/2", image_size=256, batch_size=256, lr=1e-4, max_steps=1_000_000,
-                     ema_decay=0.9999, ot_decay_steps=500_000, ckpt_every=5000, sample_every=5000,
-                     log_every=100, num_workers=8),
-}
-
-
-def paper_defaults(nfe, repeat):
-    """What a data row leaves unset: the paper's values. Multi-step generators predict velocities and start
-    lambda_ot at 0.25; multi-step and deep ones clip gradients at 5 (the authors' configs), 1-NFE ones at 50.
-    The recipe's flags are off."""
-    multi_step = nfe != 1
-    return dict(pred="v" if multi_step else "x", ot_start=0.25 if multi_step else 0.2, ot_end=0.005,
-                gp_scale=0.25, grad_clip=5.0 if multi_step or repeat > 1 else 50.0, ema_warmup=0, flip=True,
-                prior="standard", **recipe.defaults(nfe))
-
-
-# What the weights, the data position or the random streams depend on: a resumed run cannot change these.
-# Every other flag given with --resume takes effect (learning rates, schedules, guidance, logging, ...).
+# What the weights, the data position or the random streams depend on: --resume cannot change these.
 FIXED_ON_RESUME = ("data", "image_size", "model", "nfe", "pred", "repeat", "batch_size", "seed", "phase",
                    "init_from", "d_reload", "prior")
-
-
-# The --num-workers default of the rows that set none (data.default_workers), for --help.
-WORKERS_OTHERWISE = f"0, or 1 for a folder of images over {data.SMALL_IMAGE_SIDE} px"
-
-
-def per_source(name, otherwise="", presets=PRESETS):
-    """'(default: cifar10 2e-4, ..., imagenet 1e-4)' for a flag the --data rows set, for --help."""
-    values = [f"{source} {row[name]}" for source, row in presets.items() if name in row]
-    others = [source for source, row in presets.items() if name not in row]
-    tail = f"; {', '.join(others)}: {otherwise}" if others and otherwise else ""
-    return f"(default: {', '.join(values)}{tail})"
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows argparse's default where there is one; a flag whose default comes from a table says so itself."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="Train an Adversarial Flow Model. One step = one D update + one G update, each on a "
-                    "batch of --batch-size images (global, over all ranks).",
-        formatter_class=HelpFormatter)
+                    "batch of --batch-size images (global, over all ranks). Values: config.py.",
+        formatter_class=config.HelpFormatter)
+    paper, laptop = config.paper_row(1, 1), config.LAPTOP
+    config.add_run_arguments(p, paper, laptop, "out", FIXED_ON_RESUME)
+    shown = config.shown_with(paper, laptop)
     add = p.add_argument
-    add("--data", choices=list(PRESETS), default="fashion-mnist",
-        help="fashion-mnist, mnist, cifar10: downloaded to ./data once (Debian's dataset-fashion-mnist is "
-             "found too); folder: root/<class>/<image>; imagenet: a latents .npy from `python vae.py` or an "
-             "image folder encoded with --vae")
-    add("--data-path", help="dataset location (the MNISTs: the folder of the four IDX files; cifar10: the "
-                            "folder of the archive or of cifar-10-batches-py/)")
-    add("--image-size", type=int, help="pixels " + per_source("image_size"))
-    add("--vae", help="sd-vae-ft-mse weights, to encode an ImageNet image folder on the fly")
-    add("--model", help=f"one of {', '.join(MODELS)} " + per_source("model"))
     add("--nfe", default="1", help="generator steps: 1, 2, 4, ... or 'any'")
     add("--pred", choices=["x", "v"], help="G predicts x_t (x) or a velocity (v) (default: x for 1 NFE, v "
         "otherwise, as in the paper)")
     add("--repeat", type=int, default=1, help="depth repetition of G's blocks (2 -> 56, 4 -> 112 layers for "
-        "XL/2); the imagenet preset and the phases give G --lr divided by it")
-    add("--batch-size", type=int,
-        help="global batch for each of the D and G updates " + per_source("batch_size"))
-    add("--lr", type=float, help="AdamW learning rate of D " + per_source("lr"))
-    add("--g-lr", type=float, help="AdamW learning rate of G " + per_source("g_lr", "--lr / --repeat") +
-        "; with --phase: --lr / --repeat")
-    add("--weight-decay", type=float, default=0.01, help="AdamW weight decay of G and D")
-    add("--ema-decay", type=float, help=per_source("ema_decay"))
-    add("--ema-warmup", type=int, help="the EMA decays at min(--ema-decay, (1 + step) / (warmup + step)), so "
-        "it forgets the random start within a few steps " + per_source("ema_warmup", "0, off, as the paper"))
-    add("--flip", action=argparse.BooleanOptionalAction, help="random horizontal flips of the training "
-        "images (default: on for cifar10 and imagenet; off for mnist and fashion-mnist, whose mirrored "
-        "digits and shoes are not in the data, and for folder, which may hold digits or text: --flip for "
-        "photos)")
-    add("--prior", choices=["standard", "data"], help="the flow's noise: N(0, I) as in the paper, or a "
-        "Gaussian with the training data's mean and covariance (prior.py) " +
-        per_source("prior", "standard; with --phase or classifier guidance: standard"))
-    add("--grad-clip", type=float, help="max gradient norm (default 50 for 1-NFE, 5 for multi-step and deep "
-        "generators, as the authors' configs)")
-    add("--ot-start", type=float,
-        help="lambda_ot at step 0 " + per_source("ot_start", "0.2; 0.25 multi-step"))
-    add("--ot-end", type=float, help="lambda_ot after the cosine decay " + per_source("ot_end", "0.005"))
-    add("--ot-decay-steps", type=int,
-        help="length of the cosine decay, in steps " + per_source("ot_decay_steps"))
-    add("--gp-scale", type=float,
-        help="lambda_gp of the R1 and R2 penalties " + per_source("gp_scale", "0.25"))
-    add("--gp-eps", type=float, default=0.01, help="finite-difference step of R1/R2")
-    add("--gp-ratio", type=float, default=0.25, help="fraction of the batch that gets R1/R2")
-    add("--cp-scale", type=float, default=0.01, help="lambda_cp of the logit-centering penalty")
-    add("--max-steps", type=int, help=per_source("max_steps"))
-    add("--max-minutes", type=float,
-        help="also stop after this many minutes of training (judging and FID not counted)")
-    add("--out-dir", default="out")
-    add("--resume", action="store_true", help="continue from --out-dir/ckpt.pt; flags given now take effect, "
-        "except " + ", ".join("--" + f.replace("_", "-") for f in FIXED_ON_RESUME))
-    add("--overwrite", action="store_true", help="start a new run in an --out-dir that holds one: delete its "
-        "checkpoints, log and sample grids first (without it, such a run is refused)")
-    add("--seed", type=int, default=0)
-    add("--device", help="cuda, mps or cpu (default: the first available)")
-    add("--precision", choices=["fp32", "tf32", "bf16"], default="tf32", help="CUDA matmul precision; bf16 "
-        "is autocast and opt-in (the paper trains in TF32). CPU always runs fp32")
+        "XL/2)")
+    add("--g-lr", type=float, help="AdamW learning rate of G (paper and --phase: --lr / --repeat; laptop "
+        f"{laptop['g_lr']})")
     add("--compile", action="store_true", help="torch.compile G and D")
-    add("--num-workers", type=int, help="data-loading worker processes per rank " +
-        per_source("num_workers", WORKERS_OTHERWISE))
-    add("--ckpt-every", type=int, help=per_source("ckpt_every"))
-    add("--keep", type=int, default=0, help="also keep the last N step-stamped checkpoints")
-    add("--sample-every", type=int,
-        help="write an EMA sample grid every N steps " + per_source("sample_every"))
-    add("--log-every", type=int, help=per_source("log_every"))
-    add("--max-bad-steps", type=int, default=5,
-        help="stop after this many consecutive steps with a non-finite loss or gradient")
-    add("--train-classifier", action="store_true", help="an alias of `python classifier.py`: train the "
-        "time-conditioned classifier for flow-based guidance instead, with the other flags passed on (see "
-        "`python classifier.py --help`)")
-    add("--debug", action="store_true", help="show tracebacks for errors")
+    add("--ot-start", type=float, help=shown("ot_start", "lambda_ot at step 0 (multi-step paper: 0.25)"))
+    add("--ot-end", type=float, help=shown("ot_end", "lambda_ot after the cosine decay"))
+    add("--ot-decay-steps", type=int, help=shown("ot_decay_steps", "length of the cosine decay, in steps"))
+    add("--gp-scale", type=float, help=shown("gp_scale", "lambda_gp of the R1 and R2 penalties"))
+    add("--gp-eps", type=float, help=shown("gp_eps", "finite-difference step of R1/R2"))
+    add("--gp-ratio", type=float, help=shown("gp_ratio", "fraction of the batch that gets R1/R2"))
+    add("--cp-scale", type=float, help=shown("cp_scale", "lambda_cp of the logit-centering penalty"))
+    add("--train-classifier", action="store_true", help="run `python classifier.py` instead, with the other "
+        "flags: the time-conditioned classifier of flow-based guidance")
     recipe.add_arguments(p)
     args = p.parse_args(argv)
-    args.given = checkpoint.flags_given(p, argv)  # on --resume, these override the checkpoint's configuration
     try:
         args.nfe = "any" if args.nfe == "any" else int(args.nfe)
     except ValueError:
         p.error(f"--nfe must be a positive integer or 'any', got {args.nfe!r}")
-    model = args.model or PRESETS[args.data]["model"]
-    phase = recipe.phase_preset(args.phase, args.nfe, args.repeat, model) if args.phase else {}
-    data_row = PRESETS[args.data]
-    if args.phase:  # the paper's G rate, --lr / --repeat (below), over any data row's own
-        data_row = {name: value for name, value in data_row.items() if name != "g_lr"}
-    for preset in (phase, data_row, paper_defaults(args.nfe, args.repeat)):
-        for name, value in preset.items():
-            if getattr(args, name, None) is None:
-                setattr(args, name, value)
+    args.given = checkpoint.flags_given(p, argv)  # on --resume, these override the checkpoint's configuration
+    model = args.model or config.DATA[args.data]["model"]
+    phase = config.phase_row(args.phase, args.nfe, args.repeat, model) if args.phase else None
+    rows = config.run_rows(args, config.paper_row(args.nfe, args.repeat), laptop, phase)
+    args.sources = config.resolve(args, args.given, rows)
     args.g_lr = args.g_lr or args.lr / args.repeat
-    if args.cg_scale > 0 and "prior" not in args.given:  # the guidance classifier trains on N(0, I) noise
-        args.prior = "standard"
     return args
 
 
 def validate(args, world_size):
-    if args.model not in MODELS:
-        raise ArgumentError(f"unknown model {args.model!r}; valid models: {', '.join(MODELS)}")
-    if args.batch_size <= 0 or args.batch_size % world_size:
-        raise ArgumentError(f"--batch-size {args.batch_size} must be positive and divisible by the number of "
-                            f"processes ({world_size})")
+    config.validate_run(args, world_size)
     if args.nfe != "any" and args.nfe < 1:
         raise ArgumentError(f"--nfe must be a positive integer or 'any', got {args.nfe}")
     if args.repeat < 1 or (args.repeat > 1 and args.nfe != 1):
         raise ArgumentError("--repeat needs a 1-NFE generator (--nfe 1) and must be >= 1")
     if args.prior == "data" and args.cg_scale > 0:
-        raise ArgumentError("--prior data with classifier guidance is not supported: classifier.py trains "
-                            "its classifier on N(0, I) noise; drop --prior data")
+        raise ArgumentError("classifier guidance needs --prior standard: classifier.py trains its classifier "
+                            "on N(0, I) noise")
     recipe.validate(args)
 
 
@@ -389,130 +236,141 @@ def train_step(nets, args, x_d, y_d, x_g, y_g, ot_scale, autocast, augment=None,
 
 
 # ------------------------------------------------------------------------------------------------------------
-# 4. The loop
+# 4. AFM as the loop drives it. flow_matching.py's FlowMatching answers the same calls for its objective.
 
 
-def due(step, every, last):
-    return step % every == 0 or last
+class AFM:
+    """The networks, one training step, what ckpt.pt keeps of them, and the paper's recipe around the step
+    (recipe.py): discriminator augmentation, classifier guidance, EMA reloads and the in-loop FID."""
+    name = "AFM"
+    parse_args, validate = staticmethod(parse_args), staticmethod(validate)
+    fixed_on_resume = FIXED_ON_RESUME
+    progress = dict(d="d_loss", g="g_adv", ot="g_ot")  # the progress bar's averages
+
+    def __init__(self, args, source, device, rank, world_size, resume_state):
+        self.args, self.decode, self.device, self.rank, self.world_size = args, source.decode, device, rank, \
+            world_size
+        self.kwargs = network_kwargs(args, source.in_channels, source.input_size, source.num_classes)
+        self.nets = build_nets(args, *self.kwargs, device, distributed=world_size > 1)
+        self.G, self.ema = self.nets.G, self.nets.ema
+        self.noise_prior = self.nets.noise_prior = prior.for_run(args.prior, source, args.seed,
+                                                                 resume_state).to(device)
+        self.modules = [self.G, self.nets.D, self.ema]  # never saved with non-finite weights
+        self.judge_nfe = [8 if args.nfe == "any" else args.nfe]
+        if resume_state is not None:
+            self.load_state_dict(resume_state)
+        else:
+            recipe.start(self.nets, args)  # --init-from, --d-reload
+        self.augment = recipe.make_augment(args)
+        self.guidance = recipe.make_guidance(args, device)
+        self.fid = recipe.BestFid(args, device, resume_state)
+
+    def step(self, step, source, autocast):
+        """One D update and one G update, each on its own batch -> (metrics, both finite)."""
+        x_d, y_d = source.next_batch()
+        x_g, y_g = source.next_batch()
+        args = self.args
+        self.ot_scale = ot_scale_at(step, args.ot_start, args.ot_end, args.ot_decay_steps)
+        ema_decay = ema_decay_at(step, args.ema_decay, args.ema_warmup)
+        return train_step(self.nets, args, x_d, y_d, x_g, y_g, self.ot_scale, autocast, self.augment,
+                          self.guidance, ema_decay)
+
+    def log_fields(self):
+        return dict(ot_scale=self.ot_scale, lr_g=self.nets.opt_g.param_groups[0]["lr"],
+                    lr_d=self.nets.opt_d.param_groups[0]["lr"])
+
+    def state_dict(self):
+        nets = self.nets
+        return {"generator_kwargs": self.kwargs[0], "discriminator_kwargs": self.kwargs[1],
+                "G": nets.G.state_dict(), "ema": nets.ema.state_dict(), "D": nets.D.state_dict(),
+                "gradnorm": nets.gradnorm.state_dict(), "opt_g": nets.opt_g.state_dict(),
+                "opt_d": nets.opt_d.state_dict(), **self.fid.state()}
+
+    def load_state_dict(self, state):
+        """The networks and optimizers of a checkpoint, then the learning rates and weight decay of args,
+        which --resume may have changed (an optimizer's state_dict carries its own)."""
+        checkpoint.load_networks(self.nets, state, "checkpoint")
+        for optimizer, name, lr in ((self.nets.opt_g, "opt_g", self.args.g_lr),
+                                    (self.nets.opt_d, "opt_d", self.args.lr)):
+            optimizer.load_state_dict(state[name])
+            for group in optimizer.param_groups:
+                group.update(lr=lr, weight_decay=self.args.weight_decay)
+
+    def after_step(self, step, last, log, clock):
+        """Table 11's reloads and the in-loop FID -> True at a new best FID (the loop then writes best.pt)."""
+        args = self.args
+        if args.ema_reload_every and step % args.ema_reload_every == 0:
+            self.G.load_state_dict(self.ema.state_dict())  # the average is the better equilibrium
+            log(dict(step=step, event="EMA reloaded into G"))
+        if not (args.fid_every and (step % args.fid_every == 0 or last)):
+            return False
+        with clock.paused():
+            value = recipe.in_loop_fid(self.ema, self.noise_prior, args, self.fid, self.decode, self.device,
+                                       self.rank, self.world_size)
+        log(dict(step=step, fid=value, fid_samples=args.fid_samples))
+        return self.fid.track(step, value, self.nets.D, log)
 
 
-def log_metrics(log, step, minutes, nets, ot_scale):
-    """One log.jsonl line: the metrics averaged since the last one, the schedules, and the speed."""
-    averages, img_per_s = log.averages(step)
-    record = dict(step=step, minutes=minutes, **averages, ot_scale=ot_scale,
-                  lr_g=nets.opt_g.param_groups[0]["lr"], lr_d=nets.opt_d.param_groups[0]["lr"],
-                  img_per_s=img_per_s)
-    log(record)
-    log.progress.set_postfix(d=f"{record['d_loss']:.3f}", g=f"{record['g_adv']:.3f}",
-                             ot=f"{record['g_ot']:.3f}", img_s=f"{img_per_s:.0f}")
+# ------------------------------------------------------------------------------------------------------------
+# 5. The loop, for any objective
 
 
-def resumed_args(args, given):
-    """--resume: the checkpoint's flags, except those typed now. -> (args, the checkpoint's state)."""
-    state = checkpoint.load_training_state(args.out_dir)
-    resumed = argparse.Namespace(**checkpoint.resumed_config(
-        state["config"], vars(args), given, FIXED_ON_RESUME))
-    if "lr" in given and "g_lr" not in given:  # G's learning rate keeps its ratio to D's
-        resumed.g_lr = state["config"]["g_lr"] * resumed.lr / state["config"]["lr"]
-    return resumed, state
-
-
-def write_progress_grid(ema, noise_prior, args, source, step, device):
-    """An EMA sample grid, a row of 8 per class, with the noise of sample indices 0, 1, ... (the same at every
-    step)."""
-    if source.in_channels == 4 and source.autoencoder is None:
-        return  # latents without --vae cannot be decoded
-    labels = grid_labels(ema.num_classes)
-    images = sample_images(ema, source.decode, np.arange(len(labels)), labels, args.seed,
-                           8 if args.nfe == "any" else args.nfe, args.pred, device, noise_prior)
-    write_grid(images, os.path.join(args.out_dir, f"samples_{step:08d}.png"), nrow=8)
-
-
-def start(args, rank, world_size, device, resume_state):
-    """The data, and the networks where they start: a resumed run, a previous phase (--init-from), or scratch.
-    -> (source, nets, network kwargs)."""
-    checkpoint.claim_out_dir(args.out_dir, checkpoint.RUN_FILES, args.resume, args.overwrite, rank,
-                             world_size)
-    np.random.seed(args.seed)
-    random.seed(args.seed)
-    source = vae.open_data(args, rank, world_size, device, flip=args.flip, decoder=True)
-    kwargs = network_kwargs(args, source.in_channels, source.input_size, source.num_classes)
-    torch.manual_seed(args.seed)  # the same initial weights on every rank
-    nets = build_nets(args, *kwargs, device, distributed=world_size > 1)
-    nets.noise_prior = prior.for_run(args.prior, source, args.seed, resume_state).to(device)
-    torch.manual_seed(args.seed * 1000 + rank + 1)  # then each rank draws its own noise
-    if resume_state is not None:
-        checkpoint.restore(nets, resume_state, source.loader, rank, world_size, args)
-    else:
-        recipe.start(nets, args)
-    return source, nets, kwargs
-
-
-def announce(args, nets, source, world_size, device, step):
-    """What runs: a line on the console, and the full configuration in the console and in config.json."""
-    n_params = sum(p.numel() for p in nets.G.parameters()) / 1e6
-    print(f"G {args.model} ({n_params:.1f}M params), {source.size} training samples, "
-          f"{world_size} x {device}, global batch {args.batch_size}, starting at step {step}")
-    print("config: " + json.dumps(vars(args)))
-    checkpoint.write_config(args.out_dir, vars(args))
-
-
-def train(args):
+def train(args, Objective=AFM):
+    """Train Objective (AFM, or flow_matching.FlowMatching) with args -> the trained objective."""
     rank, world_size, device = setup_distributed(args.device)
-    given = set(vars(args).pop("given", ()))
-    args, resume_state = resumed_args(args, given) if args.resume else (args, None)
-    validate(args, world_size)
+    given, sources = vars(args).pop("given", set()), vars(args).pop("sources", {})
+    args, resume_state = checkpoint.resume(args, given, Objective.fixed_on_resume)
+    Objective.validate(args, world_size)
+    config.check_model_and_data(args)
     autocast = set_precision(args.precision, device)
-    source, nets, kwargs = start(args, rank, world_size, device, resume_state)
+    source, objective = start(args, Objective, rank, world_size, device, resume_state)
     step = resume_state["step"] if resume_state is not None else 0
     last_saved_step = step if resume_state is not None else None
     bad_steps = 0
     clock = checkpoint.Clock((resume_state or {}).get("train_seconds", 0.0))
-    augment = recipe.make_augment(args)
-    guidance = recipe.make_guidance(args, device)
     log = TrainingLog(os.path.join(args.out_dir, "log.jsonl"), args.max_steps, step, args.batch_size,
                       main_process=rank == 0)
-
-    def run_state():
-        extra = {**extras.state(), "train_seconds": clock.seconds()}
-        return checkpoint.training_state(nets, args, step, source.loader, world_size, kwargs, extra)
-
-    shape = (source.in_channels, source.input_size, source.input_size)
-    extras = recipe.Recipe(args, nets, shape, source.decode, device, rank, world_size, resume_state, log,
-                           run_state, clock)
+    judge = quality.judge_for_run(args, source) if rank == 0 and args.judge_every else None
     if rank == 0:
-        announce(args, nets, source, world_size, device, step)
+        announce(args, objective, source, world_size, device, step,
+                 {name: "typed" for name in given} if args.resume else sources)
+
+    def run_state():  # what ckpt.pt holds; every rank calls it (the random streams are gathered on rank 0)
+        return {"step": step, "config": vars(args), **objective.state_dict(),
+                "prior": objective.noise_prior.state_dict(), "data": source.loader.state_dict(),
+                "rng": checkpoint.gather_rng_states(world_size), "train_seconds": clock.seconds()}
+
     stop = checkpoint.StopFlag()
     try:
-        extras.at_start(step)
+        if judge is not None and step == 0:
+            judge_samples(judge, objective, args, step, clock, log)
         while step < args.max_steps:
-            x_d, y_d = source.next_batch()
-            x_g, y_g = source.next_batch()
-            ot_scale = ot_scale_at(step, args.ot_start, args.ot_end, args.ot_decay_steps)
-            ema_decay = ema_decay_at(step, args.ema_decay, args.ema_warmup)
-            metrics, ok = train_step(nets, args, x_d, y_d, x_g, y_g, ot_scale, autocast, augment, guidance,
-                                     ema_decay)
+            metrics, ok = objective.step(step, source, autocast)
             step += 1
             last = step == args.max_steps
             bad_steps = 0 if ok else bad_steps + 1
             if bad_steps >= args.max_bad_steps:
-                raise Diverged(divergence_message(bad_steps, step, args.out_dir, last_saved_step))
+                raise Diverged(Diverged.message(bad_steps, step, args.out_dir, last_saved_step))
             log.add(metrics)
             if due(step, args.log_every, last):
-                log_metrics(log, step, clock.seconds() / 60, nets, ot_scale)
+                log_metrics(log, step, clock.seconds() / 60, objective)
             if args.max_minutes and clock.seconds() >= args.max_minutes * 60:
                 stop.requested = True  # like a signal: every rank stops at this step, after a checkpoint
             stopping = stop.agreed(device, world_size)
             if rank == 0 and due(step, args.sample_every, last or stopping):
-                write_progress_grid(nets.ema, nets.noise_prior, args, source, step, device)
-            extras.after_step(step, last, stopping)
+                write_progress_grid(objective.ema, objective.noise_prior, args, source, step, device)
+            if objective.after_step(step, last, log, clock):  # a new best in-loop FID
+                state = run_state()
+                if rank == 0:
+                    checkpoint.save(state, os.path.join(args.out_dir, "best.pt"))
+            if judge is not None and due(step, args.judge_every, last or stopping):
+                judge_samples(judge, objective, args, step, clock, log)  # a judgement changes no state
             # never over the last good checkpoint while steps are being skipped
             if due(step, args.ckpt_every, last or stopping) and bad_steps == 0:
                 state = run_state()
-                saved = rank == 0 and checkpoint.save_training_state(state, [nets.G, nets.D, nets.ema],
-                                                                     args.out_dir, args.keep)
-                if saved:
-                    last_saved_step = step
+                saved = rank == 0 and checkpoint.save_training_state(state, objective.modules, args.out_dir,
+                                                                     args.keep)
+                last_saved_step = step if saved else last_saved_step
             log.progress.update(1)
             if stopping:
                 break
@@ -521,32 +379,69 @@ def train(args):
     if world_size > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
-    return nets
+    return objective
 
 
-def divergence_message(bad_steps, step, out_dir, last_saved_step):
-    ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    where = "no checkpoint was written"
-    if last_saved_step is not None:
-        where = f"the last good checkpoint is {ckpt_path} (step {last_saved_step})"
-    return (f"the loss became non-finite: {bad_steps} consecutive steps up to step {step} were skipped; "
-            f"{where}. Lower --lr or resume from the checkpoint")
+def start(args, Objective, rank, world_size, device, resume_state):
+    """The data, and the objective's networks where they start (a checkpoint, a previous phase, or scratch),
+    with the random streams where they were -> (source, the objective)."""
+    checkpoint.claim_out_dir(args.out_dir, checkpoint.RUN_FILES, args.resume, args.overwrite, rank,
+                             world_size)
+    np.random.seed(args.seed)
+    random.seed(args.seed)
+    source = vae.open_data(args, rank, world_size, device, flip=args.flip, decoder=True)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    objective = Objective(args, source, device, rank, world_size, resume_state)
+    torch.manual_seed(args.seed * 1000 + rank + 1)  # then each rank draws its own noise
+    if resume_state is not None:
+        checkpoint.restore_position(resume_state, source.loader, rank, world_size)
+    return source, objective
 
 
-def said_by_rank_0(error):
-    """Bad flags: every rank raises the same ArgumentError; rank 0 alone prints it."""
-    return isinstance(error, ArgumentError) and os.environ.get("RANK", "0") != "0"
+def announce(args, objective, source, world_size, device, step, sources):
+    """What runs: a line on the console, where its values came from (config.py's rows, or on --resume the
+    checkpoint), and the full configuration in the console and in config.json."""
+    n_params = sum(p.numel() for p in objective.G.parameters()) / 1e6
+    print(f"{objective.name}: G {args.model} ({n_params:.1f}M params), {source.size} training samples, "
+          f"{world_size} x {device}, global batch {args.batch_size}, starting at step {step}")
+    print("values from " + (config.describe_sources(sources) or "the checkpoint"))
+    print("config: " + json.dumps(vars(args)))
+    checkpoint.write_config(args.out_dir, vars(args))
 
 
-def main(argv=None):
+def due(step, every, last):
+    return step % every == 0 or last
+
+
+def log_metrics(log, step, minutes, objective):
+    """One log.jsonl line: the metrics averaged since the last one, the schedules, and the speed."""
+    averages, img_per_s = log.averages(step)
+    record = dict(step=step, minutes=minutes, **averages, **objective.log_fields(), img_per_s=img_per_s)
+    log(record)
+    log.progress.set_postfix(**{short: f"{record[name]:.4g}" for short, name in objective.progress.items()},
+                             img_s=f"{img_per_s:.0f}")
+
+
+def judge_samples(judge, objective, args, step, clock, log):
+    """A log line for each of the objective's judged step counts, with the training clock paused."""
+    minutes = clock.seconds() / 60
+    with clock.paused():
+        for nfe in objective.judge_nfe:
+            result = judge(objective.ema, nfe=nfe, pred=args.pred, prior=objective.noise_prior)
+            log(dict(step=step, minutes=minutes, nfe=nfe, **{f"judge_{k}": v for k, v in result.items()}),
+                f"nfe {nfe}: " + quality.describe(result, judge.real_accuracy))
+
+
+def main(argv=None, Objective=AFM):
     argv = sys.argv[1:] if argv is None else list(argv)
-    if "--train-classifier" in argv:
+    if Objective is AFM and "--train-classifier" in argv:
         classifier.main([a for a in argv if a != "--train-classifier"])
         return
-    args = parse_args(argv)
+    args = Objective.parse_args(argv)
     errors = {Diverged: 3, (data.DataError, checkpoint.CheckpointError, vae.VAEError, fid.FidError): 2}
-    body = checkpoint.reporting_write_errors(os.path.join(args.out_dir, "ckpt.pt"))(lambda: train(args))
-    code = run(body, args.debug, errors, quiet=said_by_rank_0)
+    body = checkpoint.reporting_write_errors(os.path.join(args.out_dir, "ckpt.pt"))(
+        lambda: train(args, Objective))
+    code = run(body, args.debug, errors, quiet=config.said_by_rank_0)
     if code:
         sys.exit(code)
 

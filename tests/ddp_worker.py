@@ -22,7 +22,7 @@ def recording_next(self):
 data.Loader.__next__ = recording_next
 
 args = train.parse_args()
-nets = train.train(args)
+nets = train.train(args).nets
 rank = int(os.environ["RANK"])
 torch.save({"G": nets.G.state_dict(), "D": nets.D.state_dict(), "ema": nets.ema.state_dict(),
             "gradnorm": nets.gradnorm.state_dict(), "data_seen": seen},

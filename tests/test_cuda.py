@@ -298,7 +298,7 @@ def test_compiled_steps_match_eager_without_recompiling(precision, fresh_dynamo)
         compiled_losses += run_steps(compiled, args, 2, autocast, first=2)
     assert frames() == warm_frames
     assert_same_training(eager, compiled, eager_losses, compiled_losses, initial)
-    # What checkpoint.training_state saves comes from the plain modules: no torch.compile prefix.
+    # What a checkpoint saves (the objective's state_dict) comes from the plain modules: no torch.compile prefix.
     for module in (compiled.G, compiled.D, compiled.ema, compiled.gradnorm):
         assert not any(key.startswith("_orig_mod.") for key in module.state_dict())
 

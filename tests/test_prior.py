@@ -219,13 +219,16 @@ def test_flow_matching_trains_and_samples_from_the_prior(folder, tmp_path):
     assert os.path.getsize(tmp_path / "s.png") > 0
 
 
-def test_prior_with_guidance_is_one_error_line(folder, tmp_path, capsys):
+@pytest.mark.parametrize("prior_flag", [["--prior", "data"], []])
+def test_prior_with_guidance_is_one_error_line(folder, tmp_path, capsys, prior_flag):
+    """classifier.py trains on N(0, I): guidance with the fitted prior, typed or the laptop row's, is refused
+    in one line that names the flag to give."""
     with pytest.raises(SystemExit) as exit_info:
-        train.main([*FAST, "--data-path", folder, "--prior", "data", "--cg-scale", "0.01", "--classifier",
-                    "c.pt", "--out-dir", str(tmp_path / "x")])
+        train.main([*FAST, "--data-path", folder, *prior_flag, "--cg-scale", "0.01", "--classifier", "c.pt",
+                    "--out-dir", str(tmp_path / "x")])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--prior data with classifier guidance" in err[0]
+    assert len(err) == 1 and "classifier guidance needs --prior standard" in err[0]
 
 
 def test_a_fit_reads_each_image_once():

@@ -98,7 +98,7 @@ def test_multistep_guidance_only_on_the_chosen_target_times(tmp_path, monkeypatc
 
 def test_multistep_guidance_target_times_default_to_table_11_and_are_checked():
     def args(*flags):
-        return train.parse_args(["--classifier", "c.pt", "--cg-scale", "0.02", *flags])
+        return train.parse_args(["--classifier", "c.pt", "--cg-scale", "0.02", "--prior", "standard", *flags])
 
     assert args("--nfe", "2").cg_target_times == "0" and args("--nfe", "4").cg_target_times == "0,0.25"
     for flags, message in [(("--nfe", "3"), "needs --cg-target-times for --nfe 3"),

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import checkpoint
+import config
 import train
 from synthetic import make_images
 
@@ -120,7 +121,7 @@ def test_paper_defaults_for_imagenet():
 def test_flips_by_data_row():
     """Mirrored images belong to photos (CIFAR-10, ImageNet), not to digits, garments or a folder of unknown
     content, which flips only when asked."""
-    flips = {data: train.parse_args(["--data", data]).flip for data in train.PRESETS}
+    flips = {data: train.parse_args(["--data", data]).flip for data in config.DATA}
     assert flips == {"fashion-mnist": False, "mnist": False, "cifar10": True, "folder": False,
                      "imagenet": True}
     assert train.parse_args(["--data", "folder", "--flip"]).flip
